@@ -1,0 +1,5 @@
+"""Allow ``python -m dicomwatch``."""
+
+from dicomwatch.cli import main
+
+raise SystemExit(main())

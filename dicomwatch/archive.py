@@ -1,0 +1,308 @@
+"""Durable filing: a file appears under its final name complete, or not at all.
+
+The sequence for every file placed in the archive, quarantine or processed folder:
+
+1. write the bytes to a temporary file in a staging folder *inside the same root*
+   (same filesystem), ``fsync`` it;
+2. make the destination folder, ``fsync``-ing the parent of every folder we create;
+3. ``os.link`` the temporary file to the final name, which fails rather than overwrite;
+4. ``fsync`` the destination folder so the new name survives a power cut;
+5. unlink the temporary file.
+
+A crash before 3 leaves only a temporary file in the staging folder; after 3, a
+complete file.  Temporary files are kept out of the sorted tree on purpose: a crash
+never leaves debris where PACS importers or users look, and stale temporaries are found
+without walking the archive.  Each process that writes owns one staging folder and
+holds an ``flock`` on its lock file; at start-up any staging folder whose lock can be
+taken belongs to a dead process and is removed.  If the destination is on another
+filesystem than the staging folder (a mount inside the archive), the temporary file is
+written in the destination folder itself instead.
+
+When the final name is taken, the existing file is compared byte for byte: identical
+means the instance was filed before (a duplicate, nothing written); different means a
+numbered name (``name~1.dcm``), never an overwrite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from dicomwatch.layout import ensure_inside, numbered
+
+log = logging.getLogger(__name__)
+
+INTERNAL_DIR = ".dicomwatch"
+STAGING_DIR = "staging"
+TMP_SUFFIX = ".dwtmp"
+MAX_COLLISIONS = 10_000
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the bytes ended up and how."""
+
+    path: Path
+    duplicate: bool
+    """An identical file already had this name; nothing new was written."""
+    same_uid_differs: bool
+    """A file with the same SOPInstanceUID but other content was found on the way."""
+    renamed: bool
+    """The first-choice name was taken by a different file."""
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries durable (new names, removals)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _same_content(path: Path, data: bytes) -> bool:
+    """Byte-for-byte comparison that reads the existing file in chunks."""
+    try:
+        with path.open("rb") as fh:
+            if os.fstat(fh.fileno()).st_size != len(data):
+                return False
+            view = memoryview(data)
+            offset = 0
+            while True:
+                chunk = fh.read(_CHUNK)
+                if not chunk:
+                    return offset == len(data)
+                if view[offset : offset + len(chunk)] != chunk:
+                    return False
+                offset += len(chunk)
+    except IsADirectoryError:
+        return False
+
+
+def _still_linked(fd: int, path: Path) -> bool:
+    """The open lock file is still the one named ``path``: a cleaner may have removed a
+    free lock file between someone's ``open`` and ``flock``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+class StagingOwner:
+    """This process's claim on a staging folder under ``root``; held for its lifetime."""
+
+    def __init__(self, root: Path, owner: str) -> None:
+        base = root / INTERNAL_DIR / STAGING_DIR
+        base.mkdir(parents=True, exist_ok=True)
+        self.lock_path = base / f"{owner}.lock"
+        self.path = base / owner
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                os.close(fd)
+                raise RuntimeError(
+                    f"staging folder {self.path} is in use by another process"
+                ) from exc
+            if _still_linked(fd, self.lock_path):
+                break
+            os.close(fd)  # we locked a file a cleaner had just removed: lock the new one
+        self._fd = fd
+        self.path.mkdir(exist_ok=True)
+
+    def release(self) -> None:
+        """Remove our staging folder (it holds nothing once all writers finished)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.lock_path.unlink()
+        os.close(self._fd)
+
+
+def clean_stale_staging(root: Path) -> int:
+    """Remove staging folders of processes that died; returns how many files went.
+
+    A lock we can take means its owner is gone: no live writer can be using the folder.
+    """
+    base = root / INTERNAL_DIR / STAGING_DIR
+    removed = 0
+    try:
+        locks = [p for p in base.iterdir() if p.name.endswith(".lock")]
+    except FileNotFoundError:
+        return 0
+    for lock in locks:
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        if not _still_linked(fd, lock):
+            os.close(fd)  # released and taken again since we opened it: a live owner
+            continue
+        try:
+            folder = lock.with_suffix("")
+            if folder.is_dir():
+                removed += sum(1 for _ in folder.rglob("*"))
+                shutil.rmtree(folder, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    return removed
+
+
+class Filer:
+    """Places bytes under one root durably; one instance per root per process.
+
+    It remembers folders it has already made durable, so a series of hundreds of
+    instances costs one ``mkdir``/``fsync`` chain, not hundreds.
+    """
+
+    def __init__(self, root: Path, staging: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.staging = staging
+        self.fsync = fsync
+        self._known_dirs: set[Path] = set()
+
+    def _sync_dir(self, path: Path) -> None:
+        if self.fsync:
+            fsync_dir(path)
+
+    def _ensure_dir(self, folder: Path) -> None:
+        """Create ``folder`` and parents, fsync-ing each parent that gained an entry."""
+        if folder in self._known_dirs:
+            return
+        missing: list[Path] = []
+        probe = folder
+        while not probe.is_dir():
+            missing.append(probe)
+            if probe == self.root or probe.parent == probe:
+                break
+            probe = probe.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            self._sync_dir(path.parent)
+        if len(self._known_dirs) > 4096:
+            self._known_dirs.clear()
+        self._known_dirs.add(folder)
+
+    def _write_temp(self, folder: Path, data: bytes) -> Path:
+        tmp = folder / f".{secrets.token_hex(8)}{TMP_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    def place(
+        self,
+        rel: PurePosixPath,
+        data: bytes,
+        *,
+        uid: str | None = None,
+        uid_of: Callable[[Path], str | None] | None = None,
+    ) -> Placement:
+        """Put ``data`` at ``root/rel`` (or a numbered sibling), durably, never overwriting.
+
+        ``uid_of`` reads the SOPInstanceUID of an existing different file, so a
+        same-UID-different-content clash can be reported as a conflict.
+        """
+        dest = ensure_inside(self.root, rel)
+        folder = dest.parent
+        self._ensure_dir(folder)
+        tmp = self._write_temp(self.staging, data)
+        try:
+            return self._link_into_place(tmp, dest, data, uid, uid_of)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _link_into_place(
+        self,
+        tmp: Path,
+        dest: Path,
+        data: bytes,
+        uid: str | None,
+        uid_of: Callable[[Path], str | None] | None,
+    ) -> Placement:
+        same_uid_differs = False
+        folder = dest.parent
+        for n in range(MAX_COLLISIONS):
+            candidate = folder / numbered(dest.name, n)
+            try:
+                os.link(tmp, candidate)
+            except FileExistsError:
+                if _same_content(candidate, data):
+                    # It may have been linked by a run that crashed before its fsync.
+                    self._sync_dir(folder)
+                    return Placement(candidate, True, same_uid_differs, n > 0)
+                if uid is not None and uid_of is not None and uid_of(candidate) == uid:
+                    same_uid_differs = True
+                continue
+            except FileNotFoundError:
+                # The folder vanished under us (someone tidied the archive): remake it once.
+                self._known_dirs.discard(folder)
+                self._ensure_dir(folder)
+                os.link(tmp, candidate)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # Staging is on another filesystem than this folder: stage beside it.
+                local = self._write_temp(folder, data)
+                try:
+                    return self._link_into_place(local, dest, data, uid, uid_of)
+                finally:
+                    local.unlink(missing_ok=True)
+            self._sync_dir(folder)
+            return Placement(candidate, False, same_uid_differs, n > 0)
+        raise OSError(errno.EEXIST, f"more than {MAX_COLLISIONS} different files want {dest}")
+
+    def write_once(self, rel: PurePosixPath, data: bytes) -> Path:
+        """Write a small companion file (a reason sidecar) unless one exists already."""
+        dest = ensure_inside(self.root, rel)
+        self._ensure_dir(dest.parent)
+        tmp = self._write_temp(self.staging, data)
+        try:
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                return dest
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # Staging is on another filesystem than this folder: stage beside it.
+                tmp.unlink(missing_ok=True)
+                tmp = self._write_temp(dest.parent, data)
+                try:
+                    os.link(tmp, dest)
+                except FileExistsError:
+                    return dest
+            self._sync_dir(dest.parent)
+            return dest
+        finally:
+            tmp.unlink(missing_ok=True)

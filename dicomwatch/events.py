@@ -1,0 +1,83 @@
+"""The one result record per file, and its two renderings.
+
+Operators follow the service with ``journalctl -f`` (text) or feed a log pipeline (JSON
+lines); both read the same record, so the two never disagree about what happened.
+Patient names never appear here: the record carries identifiers, not demographics.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Outcome(StrEnum):
+    """What became of one file.  ``failed`` means it is still where it was, to be retried."""
+
+    SORTED = "sorted"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    QUARANTINED = "quarantined"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Result:
+    """One file's result: small and picklable, it crosses the worker pipe."""
+
+    outcome: Outcome
+    source: str
+    destination: str | None = None
+    sop_instance_uid: str | None = None
+    ts_in: str | None = None
+    ts_out: str | None = None
+    bytes: int = 0
+    ms: float = 0.0
+    reason: str | None = None
+    message: str | None = None
+    retryable: bool = False
+
+    @property
+    def filed(self) -> bool:
+        """True when a durable copy exists (archive or quarantine) and the source may go."""
+        return self.outcome is not Outcome.FAILED
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["outcome"] = self.outcome.value
+        data["ms"] = round(self.ms, 1)
+        return {k: v for k, v in data.items() if v is not None and not (k == "retryable" and not v)}
+
+
+def _quote(value: str) -> str:
+    """Quote values with spaces or odd characters so each log line stays one parseable line."""
+    if value and all(c.isprintable() and c not in ' "=' for c in value):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_text(result: Result) -> str:
+    """``sorted src=... dst=... uid=... ts=in->out bytes=... ms=...`` on one line."""
+    parts = [result.outcome.value, f"src={_quote(result.source)}"]
+    if result.destination:
+        parts.append(f"dst={_quote(result.destination)}")
+    if result.sop_instance_uid:
+        parts.append(f"uid={_quote(result.sop_instance_uid)}")
+    if result.ts_in or result.ts_out:
+        parts.append(f"ts={result.ts_in or '-'}->{result.ts_out or '-'}")
+    parts.append(f"bytes={result.bytes}")
+    parts.append(f"ms={result.ms:.1f}")
+    if result.reason:
+        parts.append(f"reason={result.reason}")
+    if result.message:
+        parts.append(f"msg={_quote(result.message)}")
+    return " ".join(parts)
+
+
+def render_json(result: Result) -> str:
+    return json.dumps({"event": "file", **result.as_dict()}, ensure_ascii=False, sort_keys=False)

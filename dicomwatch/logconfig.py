@@ -1,0 +1,98 @@
+"""Logging is configured here, and only from the command-line entry point.
+
+Under systemd (``JOURNAL_STREAM`` names our stderr) journald stamps every line itself,
+so we print no timestamp of our own and prefix each line with its syslog priority
+(``<6>``), which journald turns into the entry's priority: ``journalctl -p warning``
+then shows only problems.  JSON lines carry the same result record as the text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from dicomwatch.events import Result, render_json, render_text
+
+RESULTS_LOGGER = "dicomwatch.results"
+
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+def under_journald(stream: TextIO) -> bool:
+    """True when ``stream`` is the journal stream systemd connected us to."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":", 1))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, journald: bool) -> None:
+        super().__init__()
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        result = getattr(record, "result", None)
+        text = render_text(result) if isinstance(result, Result) else record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if self.journald:
+            prio = _PRIORITY.get(record.levelno, 6)
+            return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
+        stamp = datetime.now().astimezone().isoformat(timespec="milliseconds")
+        return f"{stamp} {record.levelname:<7} {text}"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        result = getattr(record, "result", None)
+        if isinstance(result, Result):
+            payload: dict[str, Any] = json.loads(render_json(result))
+        else:
+            payload = {"event": getattr(record, "event", "log"), "msg": record.getMessage()}
+            fields = getattr(record, "fields", None)
+            if isinstance(fields, dict):
+                payload.update(fields)
+        payload = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            **payload,
+        }
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, ensure_ascii=False, default=str)
+
+
+def setup_logging(fmt: str = "text", level: str = "INFO", stream: TextIO | None = None) -> None:
+    """(Re)configure the root logger; called at start and again on a config reload."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter(under_journald(stream)))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def log_result(result: Result) -> None:
+    """The one line per file; failures that will be retried are warnings."""
+    logger = logging.getLogger(RESULTS_LOGGER)
+    level = logging.WARNING if result.outcome.value in ("failed", "quarantined") else logging.INFO
+    logger.log(level, "%s", render_text(result), extra={"result": result})

@@ -1,0 +1,202 @@
+"""Worker processes that decode and file, one task at a time each.
+
+``concurrent.futures.ProcessPoolExecutor`` marks the whole pool broken when one worker
+dies and cannot say which task killed it.  A decoder segfault or an out-of-memory kill
+on one hostile file must cost that file one attempt, not every file in flight, so each
+worker here has its own pipe and holds exactly one task: the parent always knows what a
+dead worker was doing, replaces the worker, and reports the task as crashed.
+
+Workers start from a fork server with the engine preloaded: a replacement is ready in
+milliseconds, and no worker is forked from a parent that runs observer threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import resource
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from dicomwatch.events import Outcome, Result
+from dicomwatch.sorter import EngineSettings, Task, process
+
+log = logging.getLogger(__name__)
+
+_CTX: Any = None
+
+
+def _context() -> Any:
+    """The fork-server context, created once, with the heavy imports preloaded."""
+    global _CTX
+    if _CTX is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["dicomwatch.sorter", "dicomwatch.pool"])
+        _CTX = ctx
+    return _CTX
+
+
+def _worker_main(conn: Connection, memory_mb: int) -> None:
+    """Serve tasks until the parent says stop or goes away."""
+    # The parent decides when work stops; a terminal's Ctrl-C must not kill a worker
+    # halfway through a file.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if memory_mb > 0:
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        task, settings = message
+        result = process(task, settings)
+        try:
+            conn.send(result)
+        except (BrokenPipeError, OSError):
+            return
+
+
+@dataclass
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+    task: Task | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished task: its result, or ``crashed`` with the worker's exit code."""
+
+    task: Task
+    result: Result
+
+
+class WorkerPool:
+    """A fixed number of worker processes, each holding at most one task."""
+
+    def __init__(self, size: int, *, memory_mb: int = 0) -> None:
+        self.size = size
+        self.memory_mb = memory_mb
+        self._workers: list[_Worker] = []
+        self.crashes = 0
+
+    def start(self) -> None:
+        for _ in range(self.size):
+            self._workers.append(self._spawn())
+
+    def _spawn(self) -> _Worker:
+        ctx = _context()
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(
+            target=_worker_main, args=(child, self.memory_mb), daemon=True, name="dicomwatch-worker"
+        )
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    @property
+    def idle(self) -> int:
+        return sum(1 for w in self._workers if w.task is None)
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for w in self._workers if w.task is not None)
+
+    def in_flight(self) -> list[Task]:
+        return [w.task for w in self._workers if w.task is not None]
+
+    def submit(self, task: Task, settings: EngineSettings) -> None:
+        for worker in self._workers:
+            if worker.task is None:
+                worker.task = task
+                # A worker that died while idle fails this send; ``poll`` then notices the
+                # dead process, reports the task as crashed and replaces the worker.
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    worker.conn.send((task, settings))
+                return
+        raise RuntimeError("no idle worker")
+
+    def wait_fds(self) -> list[Any]:
+        """What ``multiprocessing.connection.wait`` should watch for this pool."""
+        objs: list[Any] = []
+        for worker in self._workers:
+            objs.append(worker.conn)
+            objs.append(worker.process.sentinel)
+        return objs
+
+    def poll(self, timeout: float | None = 0.0, extra: Sequence[Any] = ()) -> list[Completion]:
+        """Collect finished tasks, waiting up to ``timeout``; replaces dead workers."""
+        ready = multiprocessing.connection.wait([*self.wait_fds(), *extra], timeout)
+        if not ready:
+            return []
+        done: list[Completion] = []
+        for index, worker in enumerate(list(self._workers)):
+            try:
+                while worker.conn.poll():
+                    result = worker.conn.recv()
+                    if worker.task is not None:
+                        done.append(Completion(worker.task, result))
+                    worker.task = None
+            except (EOFError, OSError):
+                pass  # the process check below reports and replaces it
+            if not worker.process.is_alive():
+                self._replace(index, worker, done)
+        return done
+
+    def _replace(self, index: int, worker: _Worker, done: list[Completion]) -> None:
+        worker.process.join(timeout=1)
+        code = worker.process.exitcode
+        worker.conn.close()
+        if worker.task is not None:
+            self.crashes += 1
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
+            log.warning(
+                "worker %s died (%s) while filing %s", worker.process.pid, how, worker.task.source
+            )
+            done.append(
+                Completion(
+                    worker.task,
+                    Result(
+                        outcome=Outcome.FAILED,
+                        source=worker.task.source,
+                        reason="worker_crash",
+                        message=f"worker {how}",
+                        retryable=True,
+                    ),
+                )
+            )
+        self._workers[index] = self._spawn()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Ask idle workers to stop; terminate any that do not within ``timeout``."""
+        for worker in self._workers:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                worker.conn.send(None)
+        for worker in self._workers:
+            worker.process.join(timeout)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join(1)
+            worker.conn.close()
+        self._workers.clear()
+
+    def terminate(self) -> None:
+        """Stop at once (second signal): in-flight files stay where they are, unharmed."""
+        for worker in self._workers:
+            if worker.process.is_alive():
+                os.kill(worker.process.pid or 0, signal.SIGKILL)
+        for worker in self._workers:
+            worker.process.join(1)
+            worker.conn.close()
+        self._workers.clear()

@@ -1,0 +1,351 @@
+"""The sorting engine: one file in, one ``Result`` out.
+
+``plan`` decides (pure: header values in, relative path out); ``process`` acts: it
+reads the file once, checks it, decodes it if asked, files it durably and, only then,
+removes the source when the caller wants the file moved.  Both ``dicomwatch sort`` and
+``dicomwatch run`` call ``process`` in worker processes; neither has its own filing code.
+
+Every exception is turned into an outcome here: a ``RejectedError`` quarantines the
+file with its reason, an ``OSError`` or ``RetryableError`` leaves it where it is and
+says so.  Nothing that cannot be filed is ever deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+from dicomwatch import decode, dicomio
+from dicomwatch.archive import Filer, Placement
+from dicomwatch.errors import RejectedError, RetryableError
+from dicomwatch.events import Outcome, Result
+from dicomwatch.layout import (
+    Template,
+    clean_filename_field,
+    compile_template,
+    ensure_inside,
+    render,
+)
+
+log = logging.getLogger(__name__)
+
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What a worker needs to file a file: small, picklable, sent with every task."""
+
+    archive: Path
+    quarantine: Path
+    archive_staging: Path
+    quarantine_staging: Path
+    template_text: str
+    decompress: bool = True
+    max_decoded_bytes: int = 4 * 1024**3
+    fsync: bool = True
+    node_id: str = ""
+    processed: Path | None = None
+    processed_staging: Path | None = None
+    template: Template = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "template", compile_template(self.template_text))
+
+
+@dataclass(frozen=True)
+class Task:
+    """One file to process.  ``path`` is read; ``source`` is what the log calls it."""
+
+    path: str
+    source: str
+    remove_source: bool = False
+    rel_source: str | None = None
+    """Path relative to the inbox, for ``after_filing: move`` and quarantine names."""
+    quarantine_reason: tuple[str, str] | None = None
+    """Set by the daemon when workers kept dying on this file: quarantine it unread."""
+    dry_run: bool = False
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class FilingPlan:
+    rel_path: PurePosixPath
+    sop_instance_uid: str
+
+
+def plan(values: dict[str, str | None], template: Template, sop_instance_uid: str) -> FilingPlan:
+    """Where an instance goes, from its header values alone."""
+    return FilingPlan(render(template, values, sop_instance_uid), sop_instance_uid)
+
+
+class _Filers:
+    """Per-process cache of ``Filer`` objects so their folder caches survive across tasks."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Path, Path, bool], Filer] = {}
+
+    def get(self, root: Path, staging: Path, fsync: bool) -> Filer:
+        key = (root, staging, fsync)
+        filer = self._cache.get(key)
+        if filer is None:
+            if len(self._cache) > 16:
+                self._cache.clear()
+            filer = self._cache[key] = Filer(root, staging, fsync=fsync)
+        return filer
+
+
+_FILERS = _Filers()
+
+
+def _existing_uid(path: Path) -> str | None:
+    """SOPInstanceUID of an archived file; only read when a name is already taken."""
+    try:
+        return str(dicomio.parse(path.read_bytes()).SOPInstanceUID)
+    except (OSError, RejectedError):
+        return None
+
+
+def _prepare(data: bytes, settings: EngineSettings) -> tuple[bytes, FilingPlan, str, str]:
+    """Read once, check, decide the path, decode if configured: (out bytes, plan, ts in, ts out)."""
+    ds = dicomio.parse(data, max_inflated_bytes=settings.max_decoded_bytes)
+    dicomio.check_complete(ds)
+    ts_in = dicomio.transfer_syntax(ds)
+    uid = str(ds.SOPInstanceUID)
+    values = dicomio.header_values(ds, settings.template.keywords)
+    filing = plan(values, settings.template, uid)
+    if not settings.decompress:
+        return data, filing, ts_in, ts_in
+    if decode.is_compressed(ds):
+        decode.check_size(ds, settings.max_decoded_bytes)
+        ds = decode.decompress(ds)
+        return dicomio.encode(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN
+    if dicomio.is_plain_explicit_le(ds):
+        return data, filing, ts_in, ts_in
+    return dicomio.encode(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN
+
+
+def _retry_reason(exc: OSError) -> str:
+    names = {
+        errno.ENOSPC: "disk_full",
+        errno.EDQUOT: "quota_exceeded",
+        errno.EACCES: "permission_denied",
+        errno.EPERM: "permission_denied",
+        errno.EROFS: "read_only",
+        errno.ENOENT: "vanished",
+    }
+    return names.get(exc.errno or 0, "io_error")
+
+
+def _quarantine_name(task: Task) -> str:
+    base = task.rel_source or os.path.basename(task.source) or "unnamed"
+    return clean_filename_field(base.replace("/", "_"))
+
+
+def quarantine(
+    task: Task,
+    data: bytes,
+    settings: EngineSettings,
+    reason: str,
+    message: str,
+    uid: str | None = None,
+) -> Placement:
+    """File the original bytes under ``quarantine/<reason>/`` with a ``.reason.json`` sidecar.
+
+    The sidecar is written after the file, and only if absent, so re-quarantining after a
+    crash finds the identical file (a duplicate) and completes the missing sidecar.
+    """
+    filer = _FILERS.get(settings.quarantine, settings.quarantine_staging, settings.fsync)
+    rel = PurePosixPath(clean_filename_field(reason)) / _quarantine_name(task)
+    placement = filer.place(rel, data)
+    sidecar = {
+        "outcome": "quarantined",
+        "reason": reason,
+        "error": message,
+        "source": task.source,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "sop_instance_uid": uid,
+        "node": settings.node_id,
+        "attempts": task.attempts,
+    }
+    side_rel = placement.path.relative_to(settings.quarantine).with_name(
+        placement.path.name + ".reason.json"
+    )
+    filer.write_once(
+        PurePosixPath(side_rel.as_posix()),
+        (json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n").encode(),
+    )
+    return placement
+
+
+def _keep_processed(task: Task, data: bytes, settings: EngineSettings) -> None:
+    """``after_filing: move``: a durable copy of the original under ``processed/``."""
+    if settings.processed is None or settings.processed_staging is None or not task.rel_source:
+        return
+    filer = _FILERS.get(settings.processed, settings.processed_staging, settings.fsync)
+    rel = PurePosixPath(*(clean_filename_field(p) for p in PurePosixPath(task.rel_source).parts))
+    filer.place(rel, data)
+
+
+def _remove_source(task: Task) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(task.path)
+
+
+def process(task: Task, settings: EngineSettings) -> Result:
+    """File one file; never raises for anything the file or the disk can do."""
+    started = time.perf_counter()
+
+    def done(outcome: Outcome, **kw: object) -> Result:
+        ms = (time.perf_counter() - started) * 1000.0
+        return Result(outcome=outcome, source=task.source, ms=ms, **kw)  # type: ignore[arg-type]
+
+    try:
+        data = _read_regular(task.path)
+    except OSError as exc:
+        return done(
+            Outcome.FAILED, reason=_retry_reason(exc), message=_oserror_text(exc), retryable=True
+        )
+
+    uid: str | None = None
+    ts_in: str | None = None
+    try:
+        if task.quarantine_reason is not None:
+            reason, message = task.quarantine_reason
+            raise _ForcedQuarantine(reason, message)
+        out, filing, ts_in, ts_out = _prepare(data, settings)
+        uid = filing.sop_instance_uid
+        if task.dry_run:
+            dest = ensure_inside(settings.archive, filing.rel_path)
+            return done(
+                Outcome.SORTED,
+                destination=str(dest),
+                sop_instance_uid=uid,
+                ts_in=ts_in,
+                ts_out=ts_out,
+                bytes=len(data),
+                message="dry-run",
+            )
+        filer = _FILERS.get(settings.archive, settings.archive_staging, settings.fsync)
+        placed = filer.place(filing.rel_path, out, uid=uid, uid_of=_existing_uid)
+        if placed.duplicate:
+            outcome = Outcome.DUPLICATE
+        elif placed.same_uid_differs:
+            outcome = Outcome.CONFLICT
+        else:
+            outcome = Outcome.SORTED
+        result = done(
+            outcome,
+            destination=str(placed.path),
+            sop_instance_uid=uid,
+            ts_in=ts_in,
+            ts_out=ts_out,
+            bytes=len(data),
+            reason="same_uid_different_content"
+            if outcome is Outcome.CONFLICT
+            else ("name_taken" if placed.renamed and not placed.duplicate else None),
+        )
+    except (RejectedError, _ForcedQuarantine) as exc:
+        reason = exc.reason
+        if task.dry_run:
+            return done(
+                Outcome.QUARANTINED,
+                sop_instance_uid=uid,
+                ts_in=ts_in,
+                bytes=len(data),
+                reason=reason,
+                message=str(exc),
+            )
+        try:
+            placed = quarantine(task, data, settings, reason, str(exc), uid)
+        except OSError as qexc:
+            return done(
+                Outcome.FAILED,
+                reason=_retry_reason(qexc),
+                message=f"cannot quarantine ({exc}): {_oserror_text(qexc)}",
+                retryable=True,
+            )
+        result = done(
+            Outcome.QUARANTINED,
+            destination=str(placed.path),
+            sop_instance_uid=uid,
+            ts_in=ts_in,
+            bytes=len(data),
+            reason=reason,
+            message=str(exc),
+        )
+    except MemoryError:
+        return done(
+            Outcome.FAILED,
+            reason="out_of_memory",
+            sop_instance_uid=uid,
+            ts_in=ts_in,
+            bytes=len(data),
+            message="worker memory ceiling reached",
+            retryable=True,
+        )
+    except RetryableError as exc:
+        return done(Outcome.FAILED, reason="retry", message=str(exc), retryable=True)
+    except OSError as exc:
+        return done(
+            Outcome.FAILED,
+            reason=_retry_reason(exc),
+            sop_instance_uid=uid,
+            ts_in=ts_in,
+            bytes=len(data),
+            message=_oserror_text(exc),
+            retryable=True,
+        )
+
+    if task.remove_source:
+        try:
+            _keep_processed(task, data, settings)
+            _remove_source(task)
+        except OSError as exc:
+            # Filed durably, but the source stays: the next attempt finds a duplicate.
+            return done(
+                Outcome.FAILED,
+                reason=_retry_reason(exc),
+                destination=result.destination,
+                sop_instance_uid=uid,
+                message=f"filed, but cannot remove source: {_oserror_text(exc)}",
+                retryable=True,
+            )
+    return result
+
+
+class _ForcedQuarantine(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _oserror_text(exc: OSError) -> str:
+    return f"{exc.strerror or exc.__class__.__name__}" + (
+        f": {exc.filename}" if exc.filename else ""
+    )
+
+
+def _read_regular(path: str) -> bytes:
+    """Read a file without following a symlink or blocking on a FIFO that replaced it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 22)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

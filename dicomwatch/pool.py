@@ -45,10 +45,11 @@ def _context() -> Any:
 
 def _worker_main(conn: Connection, memory_mb: int) -> None:
     """Serve tasks until the parent says stop or goes away."""
-    # The parent decides when work stops; a terminal's Ctrl-C must not kill a worker
-    # halfway through a file.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The parent decides when work stops: a terminal's Ctrl-C or a SIGTERM sent to the
+    # whole process group must not kill a worker halfway through a file.  The parent
+    # ends workers through their pipe, or with SIGKILL when it must stop at once.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     if memory_mb > 0:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -26,6 +26,7 @@ numbered name (``name~1.dcm``), never an overwrite.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -35,6 +36,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from dicomwatch.layout import ensure_inside, numbered
 
@@ -97,6 +99,54 @@ def _still_linked(fd: int, path: Path) -> bool:
         return False
     held = os.fstat(fd)
     return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _renameat2_noreplace(src: str, dst: str) -> bool | None:
+    """``renameat2(..., RENAME_NOREPLACE)``: True if renamed, None if unsupported here."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.renameat2  # noqa: B018 - probe the symbol (glibc >= 2.28)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc is False:
+        return None
+    rc = _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                         _RENAME_NOREPLACE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return None  # e.g. NFS: no RENAME_NOREPLACE
+    raise OSError(err, os.strerror(err), dst)
+
+
+_libc: Any = None  # ctypes.CDLL once probed, False where renameat2 is missing
+
+
+def move_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError then).
+
+    ``renameat2(RENAME_NOREPLACE)`` where the filesystem has it; otherwise a hard link
+    and unlink, which also never replaces; and where hard links are refused (a file we
+    do not own under ``fs.protected_hardlinks``), a checked rename.  Only that last
+    fallback has a window in which a file arriving at ``dst`` could be replaced.
+    """
+    if _renameat2_noreplace(src, dst):
+        return
+    try:
+        os.link(src, dst)
+    except PermissionError:
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "file exists", dst) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
 
 
 class StagingOwner:

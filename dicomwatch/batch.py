@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from dicomwatch.archive import INTERNAL_DIR
 from dicomwatch.config import Config
@@ -79,14 +80,19 @@ def walk_files(sources: Sequence[Path], skip: Sequence[Path]) -> Iterator[Path]:
                     log.warning("skipped %s: not a regular file", path)
 
 
-def _progress(enabled: bool) -> object | None:
+class _Bar(Protocol):
+    def update(self, n: int = 1) -> object: ...
+    def close(self) -> None: ...
+
+
+def _progress(enabled: bool) -> _Bar | None:
+    """A tqdm bar on stderr (the log stream), shown only when asked or on a terminal."""
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(unit="file", dynamic_ncols=True, file=sys.stderr, leave=False)
+    from tqdm import tqdm
+
+    bar: _Bar = tqdm(unit="file", dynamic_ncols=True, file=sys.stderr, leave=False)
+    return bar
 
 
 def run_sort(
@@ -142,10 +148,10 @@ def run_sort(
                 else:
                     log_result(result)
                 if bar is not None:
-                    bar.update(1)  # type: ignore[attr-defined]
+                    bar.update(1)
     finally:
         if bar is not None:
-            bar.close()  # type: ignore[attr-defined]
+            bar.close()
         pool.shutdown()
         if not dry_run:
             engine.close()

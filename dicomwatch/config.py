@@ -206,15 +206,12 @@ def validate(
         # it names a folder: '.' or '..' would be the claims folder itself or its parent
         raise ConfigError(f"{source}: node_id: {cfg.node_id!r} cannot name a folder")
 
+    suggest: Callable[[str], str | None] = _no_suggestion
     if is_keyword is None:
         from dicomwatch import dicomio
 
         is_keyword = dicomio.is_known_keyword
         suggest = dicomio.suggest_keyword
-    else:
-
-        def suggest(_name: str) -> str | None:
-            return None
 
     try:
         compile_template(cfg.template, is_keyword=is_keyword)
@@ -227,10 +224,22 @@ def validate(
                 break
         raise ConfigError(f"{source}: template: {message}") from exc
 
-    absolute = {key: Path(os.path.abspath(getattr(cfg, key))) for key in _PATH_KEYS}
-    cfg = replace(cfg, **absolute)
+    def absolute(path: Path) -> Path:
+        return Path(os.path.abspath(path))
+
+    cfg = replace(
+        cfg,
+        inbox=absolute(cfg.inbox),
+        archive=absolute(cfg.archive),
+        quarantine=absolute(cfg.quarantine),
+        processed=absolute(cfg.processed),
+    )
     _check_folder_relations(cfg, source)
     return cfg
+
+
+def _no_suggestion(_name: str) -> None:
+    return None
 
 
 def _unknown_words(template: str, is_keyword: Callable[[str], bool]) -> list[str]:

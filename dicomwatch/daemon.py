@@ -35,6 +35,7 @@ from queue import Empty, Full, Queue
 from types import FrameType
 
 from dicomwatch import decode, watcher
+from dicomwatch.archive import move_noreplace
 from dicomwatch.config import Config, load_config
 from dicomwatch.engine import Engine, owner_name
 from dicomwatch.errors import ConfigError, WorkerCrashError
@@ -220,7 +221,9 @@ class Daemon:
                     self._handle_signals(notifier, obs)
                 if self._reload:
                     self._reload = False
+                    notifier.reloading()
                     settings = self._do_reload(engine, settings, pool)
+                    notifier.ready(status=self._status_line(pool))
                 if self._stopping:
                     break
                 # 1. events (hints) and scan results (the record) feed the tracker
@@ -482,7 +485,7 @@ class Daemon:
     def _unclaim(self, task: Task) -> None:
         """Put a claimed file back under its inbox name, never over a newer file."""
         try:
-            os.link(task.path, task.source)
+            move_noreplace(task.path, task.source)
         except FileExistsError:
             return  # stays claimed; filed on the next start
         except FileNotFoundError:
@@ -491,8 +494,6 @@ class Daemon:
         except OSError as exc:
             log.warning("cannot return %s to the inbox: %s", task.source, exc.strerror)
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(task.path)
         self.claimed.discard(task.path)
 
     def _note_failure(self, key: str, reason: str, message: str) -> bool:
@@ -606,10 +607,9 @@ class Daemon:
                     target = self.cfg.inbox / os.path.relpath(path, folder)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     try:
-                        os.link(path, target)
+                        move_noreplace(path, str(target))
                     except FileExistsError:
                         continue
-                    os.unlink(path)
                     moved += 1
                 if moved:
                     log.info(

@@ -90,11 +90,30 @@ class WorkerPool:
         self.size = size
         self.memory_mb = memory_mb
         self._workers: list[_Worker] = []
+        self._spawn_failing = False
         self.crashes = 0
 
     def start(self) -> None:
-        for _ in range(self.size):
-            self._workers.append(self._spawn())
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Bring the pool back to ``size`` workers.
+
+        Starting a process can fail (the new child killed before it read its start-up
+        data, a process limit, a vanished fork server).  That must never take the daemon
+        down: the pool runs short and tries again on the next poll.
+        """
+        while len(self._workers) < self.size:
+            try:
+                self._workers.append(self._spawn())
+            except OSError as exc:
+                if not self._spawn_failing:
+                    log.error("cannot start a worker process (%s); retrying", exc)
+                self._spawn_failing = True
+                return
+            if self._spawn_failing:
+                log.info("worker processes start again")
+            self._spawn_failing = False
 
     def _spawn(self) -> _Worker:
         ctx = _context()
@@ -138,11 +157,12 @@ class WorkerPool:
 
     def poll(self, timeout: float | None = 0.0, extra: Sequence[Any] = ()) -> list[Completion]:
         """Collect finished tasks, waiting up to ``timeout``; replaces dead workers."""
+        self._top_up()
         ready = multiprocessing.connection.wait([*self.wait_fds(), *extra], timeout)
         if not ready:
             return []
         done: list[Completion] = []
-        for index, worker in enumerate(list(self._workers)):
+        for worker in list(self._workers):
             try:
                 while worker.conn.poll():
                     result = worker.conn.recv()
@@ -152,10 +172,13 @@ class WorkerPool:
             except (EOFError, OSError):
                 pass  # the process check below reports and replaces it
             if not worker.process.is_alive():
-                self._replace(index, worker, done)
+                self._bury(worker, done)
+        self._top_up()
         return done
 
-    def _replace(self, index: int, worker: _Worker, done: list[Completion]) -> None:
+    def _bury(self, worker: _Worker, done: list[Completion]) -> None:
+        """Report a dead worker's task as crashed and drop the worker (``_top_up`` replaces it)."""
+        self._workers.remove(worker)
         worker.process.join(timeout=1)
         code = worker.process.exitcode
         worker.conn.close()
@@ -177,7 +200,6 @@ class WorkerPool:
                     ),
                 )
             )
-        self._workers[index] = self._spawn()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Ask idle workers to stop; terminate any that do not within ``timeout``."""

@@ -1,0 +1,32 @@
+"""Handing a claimed file back never replaces a file that arrived under the same name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dicomwatch.archive import move_noreplace
+
+
+def test_moves_when_free(tmp_path: Path) -> None:
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"claimed")
+    move_noreplace(str(src), str(dst))
+    assert dst.read_bytes() == b"claimed" and not src.exists()
+
+
+def test_never_replaces(tmp_path: Path) -> None:
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"claimed")
+    dst.write_bytes(b"newer arrival")
+    with pytest.raises(FileExistsError):
+        move_noreplace(str(src), str(dst))
+    assert dst.read_bytes() == b"newer arrival" and src.read_bytes() == b"claimed"
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        move_noreplace(str(tmp_path / "gone"), str(tmp_path / "b"))
+    assert not os.path.lexists(tmp_path / "b")

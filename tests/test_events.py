@@ -33,8 +33,14 @@ def test_text_has_every_field_on_one_line() -> None:
 
 
 def test_text_escapes_newlines_so_a_hostile_name_cannot_forge_a_line() -> None:
-    line = render_text(Result(outcome=Outcome.QUARANTINED, source="x\nsorted src=fake",
-                              reason="not_dicom", message="bad\nthing"))
+    line = render_text(
+        Result(
+            outcome=Outcome.QUARANTINED,
+            source="x\nsorted src=fake",
+            reason="not_dicom",
+            message="bad\nthing",
+        )
+    )
     assert "\n" not in line
     assert line.startswith("quarantined ")
     assert "reason=not_dicom" in line

@@ -85,14 +85,23 @@ def test_lossy_sources_decode_and_say_so(name: str, tmp_path: Path) -> None:
     assert out.SOPInstanceUID == original.SOPInstanceUID
     assert out.LossyImageCompression == "01"
     assert out.pixel_array.shape == original.pixel_array.shape
-    assert len(out.PixelData) >= out.Rows * out.Columns * out.SamplesPerPixel * (out.BitsAllocated // 8)
+    assert len(out.PixelData) >= out.Rows * out.Columns * out.SamplesPerPixel * (
+        out.BitsAllocated // 8
+    )
 
 
 def test_classic_layout_path(tmp_path: Path, make_dicom: Callable[..., Path]) -> None:
     src = tmp_path / "src"
-    make_dicom("a", folder=src, PatientID="AB 12", StudyDate="20240102",
-               StudyDescription="CT Head w/o", SeriesDescription="Ax 5.0 [bone]",
-               SeriesInstanceUID="1.2.3", InstanceNumber=7)
+    make_dicom(
+        "a",
+        folder=src,
+        PatientID="AB 12",
+        StudyDate="20240102",
+        StudyDescription="CT Head w/o",
+        SeriesDescription="Ax 5.0 [bone]",
+        SeriesInstanceUID="1.2.3",
+        InstanceNumber=7,
+    )
     assert sort(src, "--archive", tmp_path / "archive") == 0
     rel = only_file(tmp_path / "archive").relative_to(tmp_path / "archive")
     assert rel.as_posix() == "ab_12/20240102/ct_head_w_o/ax_5_0__bone_/CT.1.2.3.7.dcm"
@@ -136,12 +145,18 @@ def test_bad_files_are_quarantined_with_a_reason(tmp_path: Path) -> None:
         reasons[Path(data["source"]).name] = data["reason"]
         copy = sidecar.with_name(sidecar.name.removesuffix(".reason.json"))
         assert copy.read_bytes() == (src / Path(data["source"]).name).read_bytes()
-    assert reasons == {"trunc": "truncated", "note.txt": "not_dicom", "empty": "not_dicom",
-                       "huge": "truncated"}
+    assert reasons == {
+        "trunc": "truncated",
+        "note.txt": "not_dicom",
+        "empty": "not_dicom",
+        "huge": "truncated",
+    }
     assert archived(tmp_path / "archive") == []
 
 
-def test_move_removes_sources_only_once_filed(tmp_path: Path, make_dicom: Callable[..., Path]) -> None:
+def test_move_removes_sources_only_once_filed(
+    tmp_path: Path, make_dicom: Callable[..., Path]
+) -> None:
     src = tmp_path / "src"
     for i in range(6):
         make_dicom(f"sub{i % 2}/f{i}", folder=src, InstanceNumber=i)
@@ -169,21 +184,43 @@ def test_collisions_get_numbered_names_and_conflicts(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     # two different instances, same path; and the same UID with different content
-    build_dataset(SOPInstanceUID="1.2.3.1", InstanceNumber=1, seed=1).save_as(src / "a", enforce_file_format=True)
-    build_dataset(SOPInstanceUID="1.2.3.2", InstanceNumber=1, seed=2).save_as(src / "b", enforce_file_format=True)
-    build_dataset(SOPInstanceUID="1.2.3.1", InstanceNumber=1, seed=3).save_as(src / "c", enforce_file_format=True)
+    build_dataset(SOPInstanceUID="1.2.3.1", InstanceNumber=1, seed=1).save_as(
+        src / "a", enforce_file_format=True
+    )
+    build_dataset(SOPInstanceUID="1.2.3.2", InstanceNumber=1, seed=2).save_as(
+        src / "b", enforce_file_format=True
+    )
+    build_dataset(SOPInstanceUID="1.2.3.1", InstanceNumber=1, seed=3).save_as(
+        src / "c", enforce_file_format=True
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "dicomwatch", "sort", str(src), "--archive", str(tmp_path / "archive"),
-         "--log-format", "json", "--workers", "1"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "dicomwatch",
+            "sort",
+            str(src),
+            "--archive",
+            str(tmp_path / "archive"),
+            "--log-format",
+            "json",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     records = [json.loads(line) for line in out.stderr.splitlines() if '"event": "file"' in line]
     outcomes = {Path(r["source"]).name: r["outcome"] for r in records}
     assert outcomes == {"a": "sorted", "b": "sorted", "c": "conflict"}
     names = sorted(p.name for p in archived(tmp_path / "archive"))
-    assert names == ["CT.1.2.826.0.1.3680043.8.498.2.1.dcm", "CT.1.2.826.0.1.3680043.8.498.2.1~1.dcm",
-                     "CT.1.2.826.0.1.3680043.8.498.2.1~2.dcm"]
+    assert names == [
+        "CT.1.2.826.0.1.3680043.8.498.2.1.dcm",
+        "CT.1.2.826.0.1.3680043.8.498.2.1~1.dcm",
+        "CT.1.2.826.0.1.3680043.8.498.2.1~2.dcm",
+    ]
     uids = sorted(str(dcmread(p).SOPInstanceUID) for p in archived(tmp_path / "archive"))
     assert uids == ["1.2.3.1", "1.2.3.1", "1.2.3.2"]
 
@@ -191,12 +228,27 @@ def test_collisions_get_numbered_names_and_conflicts(tmp_path: Path) -> None:
 def test_dry_run_writes_nothing_and_reports_collisions(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    build_dataset(SOPInstanceUID="1.2.3.1", InstanceNumber=1).save_as(src / "a", enforce_file_format=True)
-    build_dataset(SOPInstanceUID="1.2.3.2", InstanceNumber=1).save_as(src / "b", enforce_file_format=True)
+    build_dataset(SOPInstanceUID="1.2.3.1", InstanceNumber=1).save_as(
+        src / "a", enforce_file_format=True
+    )
+    build_dataset(SOPInstanceUID="1.2.3.2", InstanceNumber=1).save_as(
+        src / "b", enforce_file_format=True
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "dicomwatch", "sort", str(src), "--archive", str(tmp_path / "archive"),
-         "--dry-run"],
-        capture_output=True, text=True, check=False, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "dicomwatch",
+            "sort",
+            str(src),
+            "--archive",
+            str(tmp_path / "archive"),
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("would file") == 2
@@ -218,8 +270,22 @@ def test_decompress_off_keeps_bytes(tmp_path: Path) -> None:
 def test_hostile_values_stay_inside_the_archive(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    hostile = ["../../x", "/etc", "a/b\\c", ".", "..", "", "x\x00y", "\x01\x1f", "A" * 1000,
-               "日本語" * 200, "CON", "trailing. ", "{PatientID}", "%(PatientID)s"]
+    hostile = [
+        "../../x",
+        "/etc",
+        "a/b\\c",
+        ".",
+        "..",
+        "",
+        "x\x00y",
+        "\x01\x1f",
+        "A" * 1000,
+        "日本語" * 200,
+        "CON",
+        "trailing. ",
+        "{PatientID}",
+        "%(PatientID)s",
+    ]
     for i, value in enumerate(hostile):
         ds = build_dataset(seed=i, SOPInstanceUID=f"1.2.3.{i}", InstanceNumber=i)
         with warnings.catch_warnings():
@@ -236,8 +302,11 @@ def test_hostile_values_stay_inside_the_archive(tmp_path: Path) -> None:
     for f in files:
         assert real_root in f.resolve().parents
         assert all(len(part.encode()) <= 255 for part in f.relative_to(archive).parts)
-    outside = [p for p in tmp_path.rglob("*") if p.is_file() and archive not in p.parents
-               and src not in p.parents]
+    outside = [
+        p
+        for p in tmp_path.rglob("*")
+        if p.is_file() and archive not in p.parents and src not in p.parents
+    ]
     assert outside == []
 
 
@@ -245,16 +314,26 @@ def test_exit_codes(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("setle_seconds: 3\n")
     run = [sys.executable, "-m", "dicomwatch"]
-    r = subprocess.run([*run, "sort", str(tmp_path), "--config", str(bad)], capture_output=True,
-                       text=True, check=False)
+    r = subprocess.run(
+        [*run, "sort", str(tmp_path), "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 78 and "settle_seconds" in r.stderr
-    r = subprocess.run([*run, "sort", str(tmp_path / "missing")], capture_output=True, text=True,
-                       check=False, cwd=tmp_path)
+    r = subprocess.run(
+        [*run, "sort", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     r = subprocess.run([*run, "sort"], capture_output=True, text=True, check=False)
     assert r.returncode == 2
-    r = subprocess.run([*run, "check-config", "--config", str(bad)], capture_output=True,
-                       text=True, check=False)
+    r = subprocess.run(
+        [*run, "check-config", "--config", str(bad)], capture_output=True, text=True, check=False
+    )
     assert r.returncode == 78 and "did you mean 'settle_seconds'" in r.stderr
 
 

@@ -280,6 +280,23 @@ class Daemon:
                 self._drain_wake()
                 # 6. housekeeping
                 now = self.clock()
+                if obs is not None and not obs.alive:
+                    # watchdog can stop watching without an error (an inbox that read as
+                    # missing during a network outage); start a new observer and rescan.
+                    log.warning("the %s observer stopped; starting a new one", obs.kind)
+                    obs.stop()
+                    obs = watcher.InboxWatcher(
+                        cfg.inbox,
+                        observer=cfg.observer,
+                        ignore=self.cfg.ignore,
+                        polling_interval_seconds=cfg.polling_interval_seconds,
+                    )
+                    try:
+                        obs.start()
+                    except OSError as exc:
+                        log.error("cannot watch %s (%s); relying on rescans", cfg.inbox, exc)
+                        obs = None
+                    rescan_wanted = True
                 if watchdog_every and now >= next_watchdog:
                     notifier.watchdog()
                     next_watchdog = now + watchdog_every
@@ -515,6 +532,12 @@ class Daemon:
                 log.info("%s filed after %d failed attempts", task.source, state.failures)
             self.counters.add(result)
             log_result(result)
+            return
+        if result.reason == "vanished" and not os.path.lexists(task.path):
+            # Removed by someone else after we claimed it: nothing left to file or lose.
+            self.claimed.discard(task.path)
+            self.retries.pop(task.path, None)
+            log.info("%s disappeared before it could be filed", task.source)
             return
         crash = result.reason in ("worker_crash", "out_of_memory")
         attempts = task.attempts + (1 if crash else 0)

@@ -325,4 +325,9 @@ def prepare_folders(cfg: Config, *, create: bool = True, include_inbox: bool = T
 
 def render_yaml(cfg: Config) -> str:
     """The effective configuration, as a config file would say it."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    values = cfg.to_dict()
+    text = yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+    if yaml.safe_load(text) != values:
+        # PyYAML writes U+0085 (NEL) raw, and reading folds it to a space: escape instead
+        text = yaml.safe_dump(values, sort_keys=False, allow_unicode=False)
+    return text

@@ -33,7 +33,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -180,38 +180,45 @@ class StagingOwner:
         os.close(self._fd)
 
 
-def clean_stale_staging(root: Path) -> int:
-    """Remove staging folders of processes that died; returns how many files went.
+def abandoned_locks(base: Path, *, skip: str | None = None) -> Iterator[Path]:
+    """Each ``<name>.lock`` in ``base`` whose owner is gone, locked while the caller tidies.
 
-    A lock we can take means its owner is gone: no live writer can be using the folder.
+    A lock we can take means its owner process has ended (``flock`` dies with the
+    process, on this host or, over NFSv4/SMB, another).  The lock is held until the
+    caller's loop body is done, so no new owner can start on that name meanwhile.
     """
-    base = root / INTERNAL_DIR / STAGING_DIR
-    removed = 0
     try:
-        locks = [p for p in base.iterdir() if p.name.endswith(".lock")]
+        locks = sorted(p for p in base.iterdir() if p.name.endswith(".lock"))
     except FileNotFoundError:
-        return 0
+        return
     for lock in locks:
+        if skip is not None and lock.name == f"{skip}.lock":
+            continue
         try:
             fd = os.open(lock, os.O_RDWR)
         except FileNotFoundError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        if not _still_linked(fd, lock):
-            os.close(fd)  # released and taken again since we opened it: a live owner
-            continue
-        try:
-            folder = lock.with_suffix("")
-            if folder.is_dir():
-                removed += sum(1 for _ in folder.rglob("*"))
-                shutil.rmtree(folder, ignore_errors=True)
-            lock.unlink(missing_ok=True)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            if not _still_linked(fd, lock):
+                continue  # released and taken again since we opened it: a live owner
+            yield lock
         finally:
             os.close(fd)
+
+
+def clean_stale_staging(root: Path) -> int:
+    """Remove staging folders of processes that died; returns how many files went."""
+    removed = 0
+    for lock in abandoned_locks(root / INTERNAL_DIR / STAGING_DIR):
+        folder = lock.with_suffix("")
+        if folder.is_dir():
+            removed += sum(1 for _ in folder.rglob("*"))
+            shutil.rmtree(folder, ignore_errors=True)
+        lock.unlink(missing_ok=True)
     return removed
 
 

@@ -35,7 +35,7 @@ from queue import Empty, Full, Queue
 from types import FrameType
 
 from dicomwatch import decode, watcher
-from dicomwatch.archive import move_noreplace
+from dicomwatch.archive import abandoned_locks, move_noreplace
 from dicomwatch.config import Config, load_config
 from dicomwatch.engine import Engine, owner_name
 from dicomwatch.errors import ConfigError, WorkerCrashError
@@ -604,45 +604,25 @@ class Daemon:
 
     def _adopt_dead_claims(self) -> None:
         """Hand claims of daemons that are gone (lock free) back to the inbox."""
-        try:
-            locks = [p for p in self.claims_root.iterdir() if p.suffix == ".lock"]
-        except FileNotFoundError:
-            return
-        for lock in locks:
+        for lock in abandoned_locks(self.claims_root, skip=self.node):
             node = lock.stem
-            if node == self.node:
-                continue
-            try:
-                fd = os.open(lock, os.O_RDWR)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
-                folder = self.claims_root / node
-                moved = 0
-                for path, kind in watcher.scan(folder, ()):
-                    if kind != "file":
-                        continue
-                    target = self.cfg.inbox / os.path.relpath(path, folder)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        move_noreplace(path, str(target))
-                    except FileExistsError:
-                        continue
-                    moved += 1
-                if moved:
-                    log.info(
-                        "returned %d files claimed by stopped node %s to the inbox", moved, node
-                    )
-                if not any(kind == "file" for _, kind in watcher.scan(folder, ())):
-                    shutil.rmtree(folder, ignore_errors=True)
-                    lock.unlink(missing_ok=True)
-            finally:
-                os.close(fd)
+            folder = self.claims_root / node
+            moved = 0
+            for path, kind in watcher.scan(folder, ()):
+                if kind != "file":
+                    continue
+                target = self.cfg.inbox / os.path.relpath(path, folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    move_noreplace(path, str(target))
+                except FileExistsError:
+                    continue
+                moved += 1
+            if moved:
+                log.info("returned %d files claimed by stopped node %s to the inbox", moved, node)
+            if not any(kind == "file" for _, kind in watcher.scan(folder, ())):
+                shutil.rmtree(folder, ignore_errors=True)
+                lock.unlink(missing_ok=True)
 
     # ----- housekeeping ----------------------------------------------------------------
 

@@ -317,6 +317,17 @@ def prepare_folders(cfg: Config, *, create: bool = True, include_inbox: bool = T
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"{key}: cannot create {folder}: {exc.strerror or exc}") from exc
+        elif not os.path.lexists(folder):
+            # check-config before the first run: fine if ``run`` will be able to create it.
+            parent = folder.parent
+            while not os.path.lexists(parent) and parent != parent.parent:
+                parent = parent.parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"{key}: {folder} does not exist and cannot be created "
+                    f"({parent} is not a writable folder)"
+                )
+            continue
         if not folder.is_dir():
             raise ConfigError(f"{key}: {folder} does not exist or is not a folder")
         if not os.access(folder, os.W_OK | os.X_OK):

@@ -363,10 +363,18 @@ def test_prepare_folders_processed_only_when_moving(cwd: Path) -> None:
 
 
 def test_prepare_folders_without_create(cwd: Path) -> None:
+    """check-config before the first run: missing folders that can be created are fine."""
     cfg = load_config(None)
-    with pytest.raises(ConfigError, match=r"inbox: .* does not exist or is not a folder"):
-        prepare_folders(cfg, create=False)
+    prepare_folders(cfg, create=False)
     assert list(cwd.iterdir()) == []
+
+
+def test_prepare_folders_without_create_refuses_uncreatable(cwd: Path) -> None:
+    (cwd / "plain.txt").write_text("not a folder")
+    cfg = config_from_mapping({"archive": "plain.txt/archive"})
+    with pytest.raises(ConfigError, match=r"archive: .* cannot be created"):
+        prepare_folders(cfg, create=False)
+    assert sorted(p.name for p in cwd.iterdir()) == ["plain.txt"]
 
 
 def test_prepare_folders_under_a_regular_file(cwd: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from dicomwatch.archive import INTERNAL_DIR
 from dicomwatch.config import Config
-from dicomwatch.engine import Engine, owner_name
+from dicomwatch.engine import Engine, log_codecs, owner_name
 from dicomwatch.events import Outcome, Result
 from dicomwatch.logconfig import log_result
 from dicomwatch.pool import WorkerPool
@@ -120,6 +120,7 @@ def run_sort(
         workers,
         " (dry run)" if dry_run else "",
     )
+    log_codecs(cfg.decompress)
     try:
         pool.start()
         files = walk_files(sources, [cfg.archive, cfg.quarantine])

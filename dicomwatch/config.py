@@ -167,6 +167,8 @@ def config_from_mapping(raw: Mapping[str, Any], *, source: str = "config") -> Co
         if not isinstance(key, str) or key not in _FIELDS:
             hint = _did_you_mean(str(key), list(_FIELDS))
             raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        if key == "log_level" and isinstance(value, str):
+            value = value.upper()  # logging's own names are upper-case; "info" means INFO
         try:
             values[key] = _coerce(key, value)
         except ConfigError as exc:

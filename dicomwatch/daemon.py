@@ -34,10 +34,10 @@ from pathlib import Path
 from queue import Empty, Full, Queue
 from types import FrameType
 
-from dicomwatch import decode, watcher
+from dicomwatch import watcher
 from dicomwatch.archive import abandoned_locks, move_noreplace
 from dicomwatch.config import Config, load_config
-from dicomwatch.engine import Engine, owner_name
+from dicomwatch.engine import Engine, log_codecs, owner_name
 from dicomwatch.errors import ConfigError, WorkerCrashError
 from dicomwatch.events import Outcome, Result
 from dicomwatch.logconfig import log_result, setup_logging
@@ -268,8 +268,12 @@ class Daemon:
                 # 4. hand claimed files to idle workers
                 while self.pending and pool.idle:
                     pool.submit(self.pending.popleft(), settings)
-                # 5. wait for results, a signal, or the next deadline
+                # 5. wait for results, a signal, or the next deadline.  With the pending
+                # queue full, a due file cannot be claimed until a worker finishes (which
+                # ends the wait anyway): waiting for its deadline would spin a core.
                 due = self.tracker.next_due()
+                if self.cfg.max_pending - len(self.pending) - pool.busy <= 0:
+                    due = None
                 wait = (
                     LOOP_WAIT_SECONDS
                     if due is None
@@ -354,9 +358,6 @@ class Daemon:
 
     def _log_startup(self, once: bool) -> None:
         cfg = self.cfg
-        codecs = decode.codec_report()
-        usable = sorted(name for name, ok in codecs.items() if ok)
-        missing = sorted(name for name, ok in codecs.items() if not ok)
         log.info(
             "dicomwatch starting%s: inbox=%s archive=%s quarantine=%s node=%s workers=%d "
             "settle=%.1fs rescan=%.0fs decompress=%s after_filing=%s",
@@ -371,12 +372,7 @@ class Daemon:
             "yes" if cfg.decompress else "no",
             cfg.after_filing,
         )
-        log.info("decodable compressed transfer syntaxes: %s", "; ".join(usable) or "none")
-        if missing and cfg.decompress:
-            log.info(
-                "no decoder installed for (such files are quarantined while decompress is on): %s",
-                "; ".join(missing),
-            )
+        log_codecs(cfg.decompress)
 
     # ----- signals ---------------------------------------------------------------------
 
@@ -452,7 +448,14 @@ class Daemon:
     # ----- per file --------------------------------------------------------------------
 
     def _consider(self, path: str, *, closed: bool = False) -> bool:
-        """Start or restart the settle timer; False when the tracker is full."""
+        """Start or restart the settle timer; False when the tracker is full.
+
+        A close-write hint does not shorten the wait: a sender that reopens the file for
+        each chunk (``cat >>`` in a loop, a resumed upload) closes it after every chunk,
+        and a file growing with pauses shorter than ``settle_seconds`` must never be
+        claimed part-written.
+        """
+        closed = False
         if path in self.tracker:
             self.tracker.touch(path, closed=closed)
             return True
@@ -642,10 +645,8 @@ class Daemon:
                     and watcher.INTERNAL_DIR in Path(dirpath).relative_to(top).parts
                 ):
                     continue
-                if (
-                    filenames
-                    or (dirnames
-                    and any(os.path.lexists(os.path.join(dirpath, d)) for d in dirnames))
+                if filenames or (
+                    dirnames and any(os.path.lexists(os.path.join(dirpath, d)) for d in dirnames)
                 ):
                     continue
                 try:

@@ -75,6 +75,25 @@ class Engine:
         self.close()
 
 
+def log_codecs(decompress: bool) -> None:
+    """Say once at start which compressed syntaxes can be decoded here, and which cannot.
+
+    A quarantine full of decode errors is easy to explain when the log said a codec
+    was missing.
+    """
+    from dicomwatch import decode
+
+    codecs = decode.codec_report()
+    usable = sorted(name for name, ok in codecs.items() if ok)
+    missing = sorted(name for name, ok in codecs.items() if not ok)
+    log.info("decodable compressed transfer syntaxes: %s", "; ".join(usable) or "none")
+    if missing and decompress:
+        log.info(
+            "no decoder installed for (such files are quarantined while decompress is on): %s",
+            "; ".join(missing),
+        )
+
+
 def owner_name(cfg: Config, role: str) -> str:
     """A staging owner name unique to this process, readable in a directory listing."""
     return f"{cfg.effective_node_id}.{role}.{os.getpid()}"

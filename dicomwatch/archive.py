@@ -234,6 +234,10 @@ class Filer:
         self.staging = staging
         self.fsync = fsync
         self._known_dirs: set[Path] = set()
+        try:
+            self._root_dev: int | None = os.stat(root).st_dev
+        except OSError:
+            self._root_dev = None
 
     def _sync_dir(self, path: Path) -> None:
         if self.fsync:
@@ -260,9 +264,28 @@ class Filer:
             self._known_dirs.clear()
         self._known_dirs.add(folder)
 
-    def _write_temp(self, folder: Path, data: bytes) -> Path:
+    def _open_temp(self, folder: Path) -> tuple[Path, int]:
         tmp = folder / f".{secrets.token_hex(8)}{TMP_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            return tmp, os.open(tmp, flags, 0o640)
+        except FileNotFoundError:
+            if folder != self.staging or not self._same_root_device():
+                raise
+        # Someone removed our staging folder (tidying ``.dicomwatch``): make it again, but
+        # only on the filesystem the root was on at start.  A lazily unmounted archive
+        # leaves a bare mount point, and files written there would vanish from view.
+        folder.mkdir(parents=True, exist_ok=True)
+        return tmp, os.open(tmp, flags, 0o640)
+
+    def _same_root_device(self) -> bool:
+        try:
+            return os.stat(self.root).st_dev == self._root_dev
+        except OSError:
+            return False
+
+    def _write_temp(self, folder: Path, data: bytes) -> Path:
+        tmp, fd = self._open_temp(folder)
         try:
             view = memoryview(data)
             while view:

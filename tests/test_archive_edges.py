@@ -1,4 +1,4 @@
-"""Handing a claimed file back never replaces a file that arrived under the same name."""
+"""Edges of durable filing: no-replace moves of claims, a staging folder removed under us."""
 
 from __future__ import annotations
 
@@ -30,3 +30,23 @@ def test_missing_source(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         move_noreplace(str(tmp_path / "gone"), str(tmp_path / "b"))
     assert not os.path.lexists(tmp_path / "b")
+
+
+def test_removed_staging_folder_is_made_again(tmp_path: Path) -> None:
+    """Tidying ``<root>/.dicomwatch`` away must not stop filing until a restart."""
+    import shutil
+    from pathlib import PurePosixPath
+
+    from dicomwatch.archive import Filer, StagingOwner
+
+    root = tmp_path / "archive"
+    root.mkdir()
+    owner = StagingOwner(root, "t")
+    try:
+        filer = Filer(root, owner.path)
+        shutil.rmtree(root / ".dicomwatch")
+        placed = filer.place(PurePosixPath("a/b.dcm"), b"payload")
+        assert placed.path.read_bytes() == b"payload" and not placed.duplicate
+        assert list(owner.path.iterdir()) == []
+    finally:
+        owner.release()

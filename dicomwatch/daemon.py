@@ -53,6 +53,8 @@ TRACK_LIMIT = 20_000
 """Paths being settled at once; beyond it the scan pauses and events wait for a rescan."""
 STATUS_SECONDS = 5.0
 LOOP_WAIT_SECONDS = 0.25
+NODE_LOCK_WAIT_SECONDS = 10.0
+"""How long a busy node lock may be another node returning our claims, not a twin."""
 _HOT_KEYS = frozenset(
     {
         "template",
@@ -193,6 +195,7 @@ class Daemon:
                 observer=cfg.observer,
                 ignore=cfg.ignore,
                 polling_interval_seconds=cfg.polling_interval_seconds,
+                wake_fd=self._wake_w,
             )
             obs.start()
             log.info("watching %s with the %s observer", cfg.inbox, obs.kind)
@@ -294,6 +297,7 @@ class Daemon:
                         observer=cfg.observer,
                         ignore=self.cfg.ignore,
                         polling_interval_seconds=cfg.polling_interval_seconds,
+                        wake_fd=self._wake_w,
                     )
                     try:
                         obs.start()
@@ -574,17 +578,45 @@ class Daemon:
     # ----- claims of this and other nodes ------------------------------------------------
 
     def _take_node_lock(self) -> None:
-        self.claims.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.claims_root / f"{self.node}.lock", os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
+        """Lock ``<node>.lock``; a lock held past ``NODE_LOCK_WAIT_SECONDS`` means a twin.
+
+        Another node returning our claims after a crash (``_adopt_dead_claims``) holds
+        our lock while it moves them, then removes the lock file: so a busy lock is
+        retried for a while before we refuse to start (exit 78 is never restarted), and
+        a lock taken on a file that was removed meanwhile is taken again on the new one.
+        Our claim folder is made only once the lock is ours: the adopter removes it.
+        """
+        self.claims_root.mkdir(parents=True, exist_ok=True)
+        path = self.claims_root / f"{self.node}.lock"
+        deadline = time.monotonic() + NODE_LOCK_WAIT_SECONDS
+        waited = False
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                os.close(fd)
+                if time.monotonic() < deadline:
+                    if not waited:
+                        log.info(
+                            "node lock %s is busy (another node may be returning our "
+                            "claims); waiting",
+                            path,
+                        )
+                    waited = True
+                    time.sleep(0.1)
+                    continue
+                raise ConfigError(
+                    f"another dicomwatch with node_id {self.node!r} is running on "
+                    f"{self.cfg.inbox}; give each daemon its own node_id"
+                ) from exc
+            with contextlib.suppress(FileNotFoundError):
+                named, held = os.stat(path), os.fstat(fd)
+                if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                    break
             os.close(fd)
-            raise ConfigError(
-                f"another dicomwatch with node_id {self.node!r} is running on {self.cfg.inbox}; "
-                "give each daemon its own node_id"
-            ) from exc
         self._lock_fd = fd
+        self.claims.mkdir(parents=True, exist_ok=True)
 
     def _release_node_lock(self) -> None:
         if self._lock_fd is not None:

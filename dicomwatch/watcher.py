@@ -18,6 +18,7 @@ Paths are ``str``.  Names that are not valid UTF-8 carry surrogate escapes (the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import functools
@@ -303,6 +304,7 @@ class InboxWatcher:
         polling_interval_seconds: float = 1.0,
         max_queued: int = DEFAULT_MAX_QUEUED,
         high_water: int | None = None,
+        wake_fd: int | None = None,
     ) -> None:
         """Configure, without touching the file system (see :meth:`start`).
 
@@ -311,7 +313,9 @@ class InboxWatcher:
         sshfs, where native events never arrive for remote writers); ``"auto"`` tries
         native and falls back to polling with a warning, e.g. when the inotify watch or
         instance limit is reached.  ``high_water`` defaults to three quarters of
-        ``max_queued``.
+        ``max_queued``.  ``wake_fd`` (a non-blocking pipe) gets one byte whenever the
+        queue stops being empty, so a caller blocked in ``select`` on it sees a new
+        file at once instead of at its next poll.
         """
         if observer not in ("auto", "native", "polling"):
             raise ValueError(f"observer must be 'auto', 'native' or 'polling', got {observer!r}")
@@ -338,6 +342,7 @@ class InboxWatcher:
         self._handler = _Handler(self)
         self._lock = threading.Lock()
         self._pending = threading.Event()
+        self._wake_fd = wake_fd
         self._files: OrderedDict[str, bool] = OrderedDict()
         self._dirs: OrderedDict[str, None] = OrderedDict()
         self._overflow = False
@@ -428,6 +433,8 @@ class InboxWatcher:
         if observer is None:
             return
         self._observer = None
+        # The caller may close wake_fd once we return, even if a hung thread lives on.
+        self._wake_fd = None
         observer.stop()
         observer.join(timeout)
         if observer.is_alive():
@@ -592,7 +599,7 @@ class InboxWatcher:
             if size >= self._max_queued:
                 self.events_dropped += 1
                 self._overflow = True
-                self._pending.set()  # wake the daemon so it notices and rescans
+                self._notify()  # wake the daemon so it notices and rescans
                 return
             if directory:
                 self._dirs[path] = None
@@ -600,7 +607,17 @@ class InboxWatcher:
                 self._files[path] = closed
             if size + 1 >= self._high_water:
                 self._overflow = True
-            self._pending.set()
+            self._notify()
+
+    def _notify(self) -> None:
+        """Set the pending flag; on its first setting also write to ``wake_fd``."""
+        if self._pending.is_set():
+            return
+        self._pending.set()
+        fd = self._wake_fd
+        if fd is not None:
+            with contextlib.suppress(OSError):  # full pipe: a wake-up is already there
+                os.write(fd, b"w")
 
 
 def _silence_benign_watchdog_warnings() -> None:

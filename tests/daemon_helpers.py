@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydicom import dcmread
-
 from conftest import wait_for
+from pydicom import dcmread
 
 
 class DaemonProc:
@@ -56,16 +55,34 @@ class DaemonProc:
         self.starts += 1
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dicomwatch", "run", "--config", str(self.config_path), *args],
-                stdout=log, stderr=log, env={**os.environ, **(env or {})},
+                [
+                    sys.executable,
+                    "-m",
+                    "dicomwatch",
+                    "run",
+                    "--config",
+                    str(self.config_path),
+                    *args,
+                ],
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **(env or {})},
             )
         if wait and "--once" not in args:
             starts = self.starts
-            assert wait_for(lambda: self.count_lines("dicomwatch starting") >= starts
-                            and self._watching() >= starts, 30), self.log_path.read_text()
+            assert wait_for(
+                lambda: (
+                    self.count_lines("dicomwatch starting") >= starts and self._watching() >= starts
+                ),
+                30,
+            ), self.log_path.read_text()
 
     def _watching(self) -> int:
-        return self.count_lines("with the ") if "--once" not in (self.proc.args if self.proc else []) else 0
+        return (
+            self.count_lines("with the ")
+            if "--once" not in (self.proc.args if self.proc else [])
+            else 0
+        )
 
     def records(self) -> list[dict[str, Any]]:
         out = []
@@ -120,7 +137,9 @@ def archived(archive: Path) -> list[Path]:
 
 
 def archived_uids(archive: Path) -> list[str]:
-    return sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in archived(archive))
+    return sorted(
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in archived(archive)
+    )
 
 
 def inbox_files(inbox: Path) -> list[Path]:
@@ -129,9 +148,14 @@ def inbox_files(inbox: Path) -> list[Path]:
 
 
 def temporaries(*roots: Path) -> list[Path]:
-    return [p for root in roots if root.exists() for p in root.rglob("*")
-            if p.is_file() and (p.name.endswith(".dwtmp") or "staging" in p.parts and
-                                not p.name.endswith(".lock"))]
+    return [
+        p
+        for root in roots
+        if root.exists()
+        for p in root.rglob("*")
+        if p.is_file()
+        and (p.name.endswith(".dwtmp") or ("staging" in p.parts and not p.name.endswith(".lock")))
+    ]
 
 
 def slow_write(path: Path, data: bytes, chunks: int, pause: float) -> None:

@@ -11,9 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-
-from conftest import build_dataset, vendor_file, wait_for
+from conftest import build_dataset, wait_for
 from daemon_helpers import (
     DaemonProc,
     archived,
@@ -22,6 +20,7 @@ from daemon_helpers import (
     slow_write,
     temporaries,
 )
+from pydicom import dcmread
 
 
 @pytest.fixture
@@ -41,8 +40,9 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
 def dicom_bytes(i: int, **tags: object) -> bytes:
     import io
 
-    ds = build_dataset(seed=i, SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.7.{i}",
-                       InstanceNumber=i, **tags)
+    ds = build_dataset(
+        seed=i, SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.7.{i}", InstanceNumber=i, **tags
+    )
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -71,8 +71,9 @@ def test_once_files_what_is_already_there(daemons: Callable[..., DaemonProc]) ->
 
 
 @pytest.mark.parametrize("observer", ["native", "polling"])
-def test_files_dropped_while_running_are_filed(daemons: Callable[..., DaemonProc],
-                                               observer: str) -> None:
+def test_files_dropped_while_running_are_filed(
+    daemons: Callable[..., DaemonProc], observer: str
+) -> None:
     d = daemons(observer=observer, polling_interval_seconds=0.2, rescan_seconds=3600)
     d.start()
     for i in range(20):
@@ -172,8 +173,9 @@ def test_sigterm_finishes_in_flight_and_exits_zero(daemons: Callable[..., Daemon
     assert len(filed) == len(set(filed))
     assert len(filed) + len(remaining) == 200, "nothing lost, nothing doubled"
     claims = d.inbox / ".dicomwatch" / "claims" / "a"
-    assert not claims.exists() or not any(p.is_file() for p in claims.rglob("*")), \
+    assert not claims.exists() or not any(p.is_file() for p in claims.rglob("*")), (
         "unstarted claims are handed back to the inbox on a clean stop"
+    )
     assert temporaries(d.archive, d.quarantine) == []
     d.start()
     assert wait_for(lambda: len(archived(d.archive)) == 200, 60)
@@ -222,7 +224,9 @@ def test_same_node_id_twice_is_refused(daemons: Callable[..., DaemonProc], tmp_p
     assert a.stop() == 0
 
 
-def test_sighup_reloads_valid_config_and_keeps_old_on_error(daemons: Callable[..., DaemonProc]) -> None:
+def test_sighup_reloads_valid_config_and_keeps_old_on_error(
+    daemons: Callable[..., DaemonProc],
+) -> None:
     d = daemons()
     d.start()
     d.write_config(template="{PatientID}/{Modality}.{SOPInstanceUID}.dcm")
@@ -230,8 +234,10 @@ def test_sighup_reloads_valid_config_and_keeps_old_on_error(daemons: Callable[..
     assert wait_for(lambda: d.count_lines("config reloaded") == 1, 10)
     drop(d.inbox, "a.dcm", dicom_bytes(1))
     assert wait_for(lambda: len(archived(d.archive)) == 1, 20)
-    assert archived(d.archive)[0].relative_to(d.archive).as_posix() == \
-        "pid001/CT.1.2.826.0.1.3680043.8.498.7.1.dcm"
+    assert (
+        archived(d.archive)[0].relative_to(d.archive).as_posix()
+        == "pid001/CT.1.2.826.0.1.3680043.8.498.7.1.dcm"
+    )
     d.config_path.write_text("settle_seconds: [oops\n")
     d.send(signal.SIGHUP)
     assert wait_for(lambda: d.count_lines("config not reloaded") == 1, 10)
@@ -240,7 +246,9 @@ def test_sighup_reloads_valid_config_and_keeps_old_on_error(daemons: Callable[..
     assert d.stop() == 0
 
 
-def test_after_filing_move_keeps_originals(daemons: Callable[..., DaemonProc], tmp_path: Path) -> None:
+def test_after_filing_move_keeps_originals(
+    daemons: Callable[..., DaemonProc], tmp_path: Path
+) -> None:
     d = daemons(after_filing="move")
     d.start()
     data = dicom_bytes(1)
@@ -318,6 +326,7 @@ def test_worker_deaths_are_counted_and_the_file_quarantined(
         for pid in workers():
             with __import__("contextlib").suppress(ProcessLookupError, psutil.Error):
                 os.kill(pid, signal.SIGKILL)
+
     def final() -> list[dict[str, object]]:
         return [r for r in d.files() if r["outcome"] != "failed"]
 
@@ -329,7 +338,10 @@ def test_worker_deaths_are_counted_and_the_file_quarantined(
         assert kept.read_bytes() == data
     else:  # it slipped through between two kills: filed whole
         assert outcome["outcome"] == "sorted"
-        assert dcmread(archived(d.archive)[0]).PixelData == dcmread(__import__("io").BytesIO(data)).PixelData
+        assert (
+            dcmread(archived(d.archive)[0]).PixelData
+            == dcmread(__import__("io").BytesIO(data)).PixelData
+        )
     assert d.proc is not None and d.proc.poll() is None, "the daemon is still running"
     assert inbox_files(d.inbox) == []
     drop(d.inbox, "next.dcm", dicom_bytes(2))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_dataset, vendor_file
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from conftest import build_dataset, vendor_file
 from dicomwatch.cli import main
 
 LOSSLESS = [

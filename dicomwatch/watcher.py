@@ -268,6 +268,26 @@ def _observer_kind(observer: BaseObserver) -> str:
     return known.get(name, name)
 
 
+_STOP_RACE = "InotifyEmitter.queue_events() called when the thread is inactive"
+
+
+class _DropStopRace(logging.Filter):
+    """watchdog 7 logs this at ERROR when its reader thread races its own shutdown.
+
+    Nothing is lost (we are stopping; the next start scans), but an error line on every
+    clean stop would send operators looking for a fault that is not there.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _STOP_RACE
+
+
+def _quiet_stop_race() -> None:
+    logger = logging.getLogger("watchdog.observers.inotify")
+    if not any(isinstance(f, _DropStopRace) for f in logger.filters):
+        logger.addFilter(_DropStopRace())
+
+
 class InboxWatcher:
     """Collect "something happened to this path" notices from a watchdog observer.
 
@@ -397,6 +417,7 @@ class InboxWatcher:
         EMFILE: instance limit) falls back to polling with a warning; in ``"native"``
         mode it propagates.  Nothing is left running when this raises.
         """
+        _quiet_stop_race()
         if self._observer is not None:
             raise RuntimeError("InboxWatcher already started")
         _silence_benign_watchdog_warnings()

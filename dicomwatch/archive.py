@@ -116,8 +116,9 @@ def _renameat2_noreplace(src: str, dst: str) -> bool | None:
             _libc = False
     if _libc is False:
         return None
-    rc = _libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
-                         _RENAME_NOREPLACE)
+    rc = _libc.renameat2(
+        _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE
+    )
     if rc == 0:
         return True
     err = ctypes.get_errno()

@@ -286,12 +286,13 @@ def decompress(ds: Dataset) -> Dataset:
     with suppress_pydicom_warnings():
         try:
             ds.decompress(generate_instance_uid=False)
-        except MemoryError:
+        except (MemoryError, KeyboardInterrupt, SystemExit):
             raise
         # Hostile data into third-party codecs: besides the documented AttributeError,
         # ValueError, RuntimeError and NotImplementedError they raise KeyError,
-        # IndexError, TypeError, struct.error, ...
-        except Exception as exc:
+        # IndexError, TypeError, struct.error, ...  The Rust codecs (pylibjpeg-rle)
+        # panic on some corrupt frames with pyo3's PanicException, a BaseException.
+        except BaseException as exc:
             raise DecodeError(
                 f"cannot decode {UID(syntax).name}: {type(exc).__name__}: {exc}"
             ) from exc

@@ -228,7 +228,12 @@ def parse(data: bytes, *, max_inflated_bytes: int | None = None) -> Dataset:
             eof = next((str(w.message) for w in caught if _EOF_WARNING in str(w.message)), None)
             if eof is not None:
                 truncation = f"file ends inside an undefined-length value ({eof})"
-        has_instance_uid = bool(_text(ds.get("SOPInstanceUID")))
+        try:
+            has_instance_uid = bool(_text(ds.get("SOPInstanceUID")))
+        # _load_all stops converting at a truncated element, so the UID may still be raw
+        # here, and as hostile as any other value (an unknown VR raises, for one).
+        except Exception:  # noqa: BLE001
+            has_instance_uid = False
         meta_length = ds.file_meta.get("FileMetaInformationGroupLength")
 
     if not has_instance_uid:
@@ -701,7 +706,34 @@ def encode(ds: Dataset) -> bytes:
         # struct.error, OverflowError, ... for values it cannot encode.
         except Exception as exc:
             raise EncodeError(f"cannot encode: {type(exc).__name__}: {exc}") from exc
-    return buffer.getvalue()
+    encoded = buffer.getvalue()
+    _check_reads_back(encoded)
+    return encoded
+
+
+def _check_reads_back(data: bytes) -> None:
+    """Raise EncodeError unless `data` reads back as a complete data set (pixels aside).
+
+    pydicom accepts some malformed input that it then writes in a form it cannot read
+    back: an element of unknown VR and undefined length, kept as UN, is written as UN
+    of undefined length, which a reader must parse as a sequence of items.  Such a file
+    must never reach the archive.  The pixel data is not read again: it was just written
+    from the decoded array, and a second copy of it would double the memory needed.
+    """
+    with suppress_pydicom_warnings() as caught:
+        try:
+            problem = _load_all(dcmread(BytesIO(data), stop_before_pixels=True), "data set")
+        except MemoryError:
+            raise
+        # Our own output, but made of hostile input's values: see parse().
+        except Exception as exc:
+            raise EncodeError(
+                f"the encoded file does not read back: {type(exc).__name__}: {exc}"
+            ) from exc
+        if problem is None and any(_EOF_WARNING in str(w.message) for w in caught):
+            problem = "an undefined-length value has no delimiter"
+    if problem is not None:
+        raise EncodeError(f"the encoded file does not read back: {problem}")
 
 
 def _bits_allocated(ds: Dataset) -> int:

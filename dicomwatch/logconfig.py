@@ -39,6 +39,18 @@ def under_journald(stream: TextIO) -> bool:
     return st.st_dev == dev and st.st_ino == ino
 
 
+def _one_line(message: str) -> str:
+    """Escape line breaks and other unprintable characters a message may carry.
+
+    Messages quote file names from the inbox, and a sender chooses those: a name holding
+    a newline would otherwise end the line and forge the next one (under journald a whole
+    entry with its own priority).
+    """
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self, journald: bool) -> None:
         super().__init__()
@@ -46,7 +58,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         result = getattr(record, "result", None)
-        text = render_text(result) if isinstance(result, Result) else record.getMessage()
+        text = render_text(result) if isinstance(result, Result) else _one_line(record.getMessage())
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         if self.journald:

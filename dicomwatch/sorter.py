@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -145,9 +146,23 @@ def _retry_reason(exc: OSError) -> str:
     return names.get(exc.errno or 0, "io_error")
 
 
+_QUARANTINE_NAME_BYTES = 200
+"""Longest quarantine name: a collision number (``~9999``) and the ``.reason.json``
+sidecar suffix must still fit in the 255 bytes a file name may have."""
+
+
 def _quarantine_name(task: Task) -> str:
+    """The source's inbox-relative path as one file name.  A deep or long path would not
+    fit in a name, and a quarantine that fails with ENAMETOOLONG is retried forever, so a
+    long name is cut and keeps a hash of the whole, which keeps distinct names distinct."""
     base = task.rel_source or os.path.basename(task.source) or "unnamed"
-    return clean_filename_field(base.replace("/", "_"))
+    name = clean_filename_field(base.replace("/", "_"))
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) <= _QUARANTINE_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:12]
+    head = encoded[: _QUARANTINE_NAME_BYTES - len(digest) - 1].decode("utf-8", "ignore")
+    return f"{head}~{digest}"
 
 
 def quarantine(
@@ -181,7 +196,11 @@ def quarantine(
     )
     filer.write_once(
         PurePosixPath(side_rel.as_posix()),
-        (json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n").encode(),
+        # A source name that is not UTF-8 holds surrogate escapes; backslashreplace writes
+        # them as JSON \\udcXX escapes, which read back to the same name.
+        (json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n").encode(
+            "utf-8", "backslashreplace"
+        ),
     )
     return placement
 

@@ -206,6 +206,7 @@ def measure(
     check: bool = True,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    keep_stderr: Path | None = None,
 ) -> Measurement:
     """Run *cmd* to completion and measure it; see the module docstring for definitions.
 
@@ -213,8 +214,13 @@ def measure(
     The child gets its own session so a timeout kills the whole tree, workers included.
     With *check* (default) a non-zero exit raises :class:`MeasurementError`, because a
     failed run is fast and would otherwise look like a great result.
+    *keep_stderr*, if given, receives the command's whole stderr (e.g. a JSON-lines log
+    to compute a steady-state rate from), not just the tail kept in the result.
+    The 1-minute load average just before the run is kept in ``extra["load1"]``: the
+    machine is shared, and a figure taken under load must say so.
     """
     argv = [os.fspath(c) for c in cmd]
+    load1 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-measure-") as td:
         out_path, err_path = Path(td) / "stdout", Path(td) / "stderr"
         usage_path = Path(td) / "rusage"
@@ -256,8 +262,15 @@ def measure(
             max_procs=poller.max_procs,
             stdout_tail=_tail(out_path),
             stderr_tail=_tail(err_path),
-            extra={"orphans_reaped": int(reaped_s), "orphans_left": int(left_s)},
+            extra={
+                "orphans_reaped": int(reaped_s),
+                "orphans_left": int(left_s),
+                "load1": load1,
+            },
         )
+        if keep_stderr is not None:
+            keep_stderr.parent.mkdir(parents=True, exist_ok=True)
+            keep_stderr.write_bytes(err_path.read_bytes())
     if check and (m.returncode != 0 or poller.timed_out):
         why = f"timed out after {timeout} s" if poller.timed_out else f"exit {m.returncode}"
         raise MeasurementError(f"{label}: {' '.join(argv)} -> {why}\n{m.stderr_tail}")
@@ -268,13 +281,14 @@ def markdown_table(rows: Sequence[Measurement]) -> str:
     """The benchmark table: one line per measurement, rates over the input corpus."""
     lines = [
         "| label | files | files/s | MB/s | peak RSS MB (tree) | max RSS MB (1 proc) "
-        "| CPU s | seconds |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| CPU s | seconds | load (1 min) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for m in rows:
+        load = m.extra.get("load1")
         lines.append(
             f"| {m.label} | {m.files} | {m.files_per_s:,.1f} | {m.mb_per_s:,.1f} "
             f"| {m.peak_rss_tree_mb:,.0f} | {m.max_rss_mb:,.0f} | {m.cpu_s:,.2f} "
-            f"| {m.seconds:,.2f} |"
+            f"| {m.seconds:,.2f} | {'-' if load is None else f'{load:.2f}'} |"
         )
     return "\n".join(lines)

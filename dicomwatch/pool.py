@@ -53,6 +53,7 @@ def _worker_main(conn: Connection, memory_mb: int) -> None:
     if memory_mb > 0:
         limit = memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    settings: EngineSettings | None = None
     while True:
         try:
             message = conn.recv()
@@ -60,7 +61,10 @@ def _worker_main(conn: Connection, memory_mb: int) -> None:
             return
         if message is None:
             return
-        task, settings = message
+        task, new_settings = message
+        if new_settings is not None:  # sent with the first task and after a reload only
+            settings = new_settings
+        assert settings is not None
         result = process(task, settings)
         try:
             conn.send(result)
@@ -73,6 +77,8 @@ class _Worker:
     process: BaseProcess
     conn: Connection
     task: Task | None = None
+    settings: EngineSettings | None = None
+    """The settings this worker holds; tasks carry settings only when they differ."""
 
 
 @dataclass(frozen=True)
@@ -142,8 +148,10 @@ class WorkerPool:
                 worker.task = task
                 # A worker that died while idle fails this send; ``poll`` then notices the
                 # dead process, reports the task as crashed and replaces the worker.
+                changed = settings is not worker.settings
                 with contextlib.suppress(BrokenPipeError, OSError):
-                    worker.conn.send((task, settings))
+                    worker.conn.send((task, settings if changed else None))
+                worker.settings = settings
                 return
         raise RuntimeError("no idle worker")
 

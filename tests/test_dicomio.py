@@ -22,6 +22,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -36,7 +38,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomwatch import dicomio
+from dicomwatch import decode, dicomio
 from dicomwatch.errors import (
     DecodeError,
     EncodeError,
@@ -206,10 +208,66 @@ def test_pydicom_no_meta_test_file_starts_with_a_stray_byte() -> None:
     assert dicomio.parse(data[1:]).Modality == "CT"
 
 
-def test_parse_converts_every_element_up_front() -> None:
+def _converted(ds: Dataset) -> set[int]:
+    return {t for t in list(ds.keys()) if not isinstance(ds.get_item(t), RawDataElement)}
+
+
+def test_parse_of_explicit_little_endian_converts_only_what_is_read() -> None:
     ds = dicomio.parse(sample("CT_small.dcm"))
-    raw = [t for t in list(ds.keys()) if isinstance(ds.get_item(t), RawDataElement)]
-    assert raw == []
+    converted = _converted(ds)
+    assert {0x00080018, 0x00280010, 0x00280011, 0x00280100, 0x7FE00010} <= converted
+    sequences = {t for t in list(ds.keys()) if ds.get_item(t).VR == "SQ"}
+    assert converted <= dicomio._USED_TAGS | sequences
+    assert isinstance(ds.get_item(0x00100010), RawDataElement)  # PatientName
+
+
+@pytest.mark.parametrize("name", ["MR_small_implicit.dcm", "MR_small_bigendian.dcm"])
+def test_parse_of_other_encodings_converts_every_element(name: str) -> None:
+    ds = dicomio.parse(sample(name))
+    assert _converted(ds) == set(ds.keys())
+
+
+def test_parse_converts_every_sequence_to_check_its_items() -> None:
+    ds = dicomio.parse(sample("rtplan.dcm"))
+    sequences = [t for t in list(ds.keys()) if ds.get_item(t).VR == "SQ"]
+    assert sequences
+    assert set(sequences) <= _converted(ds)
+
+
+def _with_raw_element(
+    tag: int, vr: str | None, value: bytes, *, implicit: bool = False, length: int | None = None
+) -> bytes:
+    """A small image file holding one more element, written exactly as given."""
+    ds = image_dataset()
+    ds[0x7FE00010].VR = "OW"
+    ds[tag] = RawDataElement(
+        Tag(tag), vr, len(value) if length is None else length, value, 0, implicit, True
+    )
+    ds.set_original_encoding(implicit, True, "iso8859")
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=implicit, little_endian=True)
+    return buffer.getvalue()
+
+
+def _with_malformed_unread_element(*, implicit: bool) -> bytes:
+    """An image whose Largest Image Pixel Value (never read here) is 1 byte, not 2."""
+    return _with_raw_element(0x00280107, None if implicit else "US", b"\x01", implicit=implicit)
+
+
+def test_malformed_unread_value_of_explicit_little_endian_is_kept_as_it_was() -> None:
+    data = _with_malformed_unread_element(implicit=False)
+    with pytest.raises(Exception):  # noqa: B017 - pydicom's own error
+        _ = reference(data).LargestImagePixelValue
+    out = dicomio.encode(load(data))
+    back = reference(out)
+    assert back.get_item(0x00280107).value == b"\x01"
+    assert back.SOPInstanceUID == "1.2.826.0.1.3680043.8.498.99"
+
+
+def test_malformed_value_of_implicit_vr_is_rejected_since_it_must_be_re_encoded() -> None:
+    data = _with_malformed_unread_element(implicit=True)
+    with pytest.raises(NotDicomError, match=r"\(0028,0107\) cannot be decoded"):
+        dicomio.parse(data)
 
 
 def test_parse_keeps_warnings_of_pydicom_to_itself() -> None:
@@ -721,6 +779,72 @@ def test_encode_drops_file_meta_elements_stranded_in_the_data_set() -> None:
     back = dcmread(io.BytesIO(dicomio.encode(ds)), force=False)
     assert 0x00020016 not in back
     assert "SourceApplicationEntityTitle" not in back.file_meta
+
+
+# Elements decompress() may change; everything else must come out as it went in.
+_CHANGED_BY_DECODING = {0x00280004, 0x00280006, 0x00282110, 0x00282114, 0x7FE00010}
+
+
+@pytest.mark.parametrize(
+    "name", ["JPEG2000.dcm", "SC_rgb_jpeg_gdcm.dcm", "MR_small_RLE.dcm", "image_dfl.dcm"]
+)
+def test_encode_copies_every_unchanged_element_byte_for_byte(name: str) -> None:
+    """Explicit VR Little Endian sources (compressed ones too): the raw bytes survive."""
+    data = sample(name)
+    ds = load(data)
+    decode.decompress(ds)
+    source, back = reference(data), reference(dicomio.encode(ds))
+    assert set(back.keys()) - _CHANGED_BY_DECODING == set(source.keys()) - _CHANGED_BY_DECODING
+    for tag in list(source.keys()):
+        if tag in _CHANGED_BY_DECODING:
+            continue
+        before, after = source.get_item(tag), back.get_item(tag)
+        if before.VR == "SQ":
+            assert source[tag].value == back[tag].value, Tag(tag)
+        else:
+            assert (after.VR, after.value) == (before.VR, before.value), Tag(tag)
+
+
+@pytest.mark.parametrize(
+    ("instance_uid", "ae_title"),
+    [
+        ("1.2.826.0.1.3680043.8.498.99", None),
+        ("1.2.826.0.1.3680043.8.498.9", "MODALITY1"),
+        ("1.2.3", "ODD"),
+    ],
+)
+def test_encoded_file_meta_is_what_pydicom_writes(instance_uid: str, ae_title: str | None) -> None:
+    ds = minimal_dataset(SOPInstanceUID=instance_uid)
+    ds.file_meta = FileMetaDataset()
+    if ae_title is not None:
+        ds.file_meta.SourceApplicationEntityTitle = ae_title
+    out = dicomio.encode(ds)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(SC_STORAGE)
+    meta.MediaStorageSOPInstanceUID = UID(instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if ae_title is not None:
+        meta.SourceApplicationEntityTitle = ae_title
+    expected = DicomBytesIO()
+    write_file_meta_info(expected, meta, enforce_standard=True)
+    assert out[132 : meta_end(out)] == expected.getvalue()
+
+
+def test_encode_refuses_a_uid_that_is_not_ascii() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the value it is given
+        ds = minimal_dataset(SOPInstanceUID="1.2.3\u00e9")
+    with pytest.raises(EncodeError, match="not ASCII"):
+        dicomio.encode(ds)
+
+
+def test_read_back_is_needed_only_for_elements_the_reader_guessed() -> None:
+    for clean in (sample("CT_small.dcm"), sample("JPEG2000.dcm"), sample("rtplan.dcm")):
+        assert not dicomio._rewrites_structure(load(clean), top_level=True)
+    unknown = load(_with_raw_element(0x0018FFF0, "UN", b"abcd"))
+    assert dicomio._rewrites_structure(unknown, top_level=True)
+    undefined = load(_with_raw_element(0x0018FFF0, "OB", b"abcd", length=0xFFFFFFFF))
+    assert dicomio._rewrites_structure(undefined, top_level=True)
 
 
 def test_encode_keeps_the_source_ae_title() -> None:

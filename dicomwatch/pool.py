@@ -1,10 +1,15 @@
-"""Worker processes that decode and file, one task at a time each.
+"""Worker processes that decode and file, each holding at most two tasks.
 
 ``concurrent.futures.ProcessPoolExecutor`` marks the whole pool broken when one worker
 dies and cannot say which task killed it.  A decoder segfault or an out-of-memory kill
 on one hostile file must cost that file one attempt, not every file in flight, so each
-worker here has its own pipe and holds exactly one task: the parent always knows what a
-dead worker was doing, replaces the worker, and reports the task as crashed.
+worker here has its own pipe and works through its tasks in order: the parent always
+knows what a dead worker was doing (the oldest task without a result), replaces the
+worker, reports that task as crashed and hands the others to the remaining workers.
+
+A worker holds a second task so that it starts on it the moment it sends a result,
+instead of idling for the round trip through a parent that competes with the workers
+for the same cores.
 
 Workers start from a fork server with the engine preloaded: a replacement is ready in
 milliseconds, and no worker is forked from a parent that runs observer threads.
@@ -19,8 +24,9 @@ import multiprocessing.connection
 import os
 import resource
 import signal
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -76,7 +82,8 @@ def _worker_main(conn: Connection, memory_mb: int) -> None:
 class _Worker:
     process: BaseProcess
     conn: Connection
-    task: Task | None = None
+    tasks: deque[Task] = field(default_factory=deque)
+    """Sent and without a result yet, oldest (the one being worked on) first."""
     settings: EngineSettings | None = None
     """The settings this worker holds; tasks carry settings only when they differ."""
 
@@ -90,12 +97,15 @@ class Completion:
 
 
 class WorkerPool:
-    """A fixed number of worker processes, each holding at most one task."""
+    """A fixed number of worker processes, each holding at most ``depth`` tasks."""
 
-    def __init__(self, size: int, *, memory_mb: int = 0) -> None:
+    def __init__(self, size: int, *, memory_mb: int = 0, depth: int = 2) -> None:
         self.size = size
         self.memory_mb = memory_mb
+        self.depth = depth
         self._workers: list[_Worker] = []
+        self._orphans: deque[tuple[Task, EngineSettings]] = deque()
+        """Tasks a dead worker held but had not started, waiting for a free slot."""
         self._spawn_failing = False
         self.crashes = 0
 
@@ -133,27 +143,42 @@ class WorkerPool:
 
     @property
     def idle(self) -> int:
-        return sum(1 for w in self._workers if w.task is None)
+        """Free task slots: how many more tasks ``submit`` accepts now."""
+        free = sum(self.depth - len(w.tasks) for w in self._workers)
+        return max(0, free - len(self._orphans))
 
     @property
     def busy(self) -> int:
-        return sum(1 for w in self._workers if w.task is not None)
+        """Tasks handed to the pool and not yet completed."""
+        return sum(len(w.tasks) for w in self._workers) + len(self._orphans)
+
+    def pids(self) -> list[int]:
+        """Process ids of the live workers."""
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
 
     def in_flight(self) -> list[Task]:
-        return [w.task for w in self._workers if w.task is not None]
+        held = [task for w in self._workers for task in w.tasks]
+        return held + [task for task, _ in self._orphans]
 
     def submit(self, task: Task, settings: EngineSettings) -> None:
-        for worker in self._workers:
-            if worker.task is None:
-                worker.task = task
-                # A worker that died while idle fails this send; ``poll`` then notices the
-                # dead process, reports the task as crashed and replaces the worker.
-                changed = settings is not worker.settings
-                with contextlib.suppress(BrokenPipeError, OSError):
-                    worker.conn.send((task, settings if changed else None))
-                worker.settings = settings
-                return
-        raise RuntimeError("no idle worker")
+        """Hand `task` to the least loaded worker (an idle one first)."""
+        if not self.idle:
+            raise RuntimeError("no idle worker")
+        self._send(task, settings)
+
+    def _send(self, task: Task, settings: EngineSettings) -> None:
+        worker = min(self._workers, key=lambda w: len(w.tasks))
+        worker.tasks.append(task)
+        # A worker that died while idle fails this send; ``poll`` then notices the
+        # dead process, reports the task as crashed and replaces the worker.
+        changed = settings is not worker.settings
+        with contextlib.suppress(BrokenPipeError, OSError):
+            worker.conn.send((task, settings if changed else None))
+        worker.settings = settings
+
+    def _place_orphans(self) -> None:
+        while self._orphans and any(len(w.tasks) < self.depth for w in self._workers):
+            self._send(*self._orphans.popleft())
 
     def wait_fds(self) -> list[Any]:
         """What ``multiprocessing.connection.wait`` should watch for this pool."""
@@ -174,14 +199,14 @@ class WorkerPool:
             try:
                 while worker.conn.poll():
                     result = worker.conn.recv()
-                    if worker.task is not None:
-                        done.append(Completion(worker.task, result))
-                    worker.task = None
+                    if worker.tasks:
+                        done.append(Completion(worker.tasks.popleft(), result))
             except (EOFError, OSError):
                 pass  # the process check below reports and replaces it
             if not worker.process.is_alive():
                 self._bury(worker, done)
         self._top_up()
+        self._place_orphans()
         return done
 
     def _bury(self, worker: _Worker, done: list[Completion]) -> None:
@@ -190,24 +215,28 @@ class WorkerPool:
         worker.process.join(timeout=1)
         code = worker.process.exitcode
         worker.conn.close()
-        if worker.task is not None:
-            self.crashes += 1
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
-            log.warning(
-                "worker %s died (%s) while filing %s", worker.process.pid, how, worker.task.source
+        if not worker.tasks:
+            return
+        task = worker.tasks.popleft()
+        self.crashes += 1
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
+        log.warning("worker %s died (%s) while filing %s", worker.process.pid, how, task.source)
+        done.append(
+            Completion(
+                task,
+                Result(
+                    outcome=Outcome.FAILED,
+                    source=task.source,
+                    reason="worker_crash",
+                    message=f"worker {how}",
+                    retryable=True,
+                ),
             )
-            done.append(
-                Completion(
-                    worker.task,
-                    Result(
-                        outcome=Outcome.FAILED,
-                        source=worker.task.source,
-                        reason="worker_crash",
-                        message=f"worker {how}",
-                        retryable=True,
-                    ),
-                )
-            )
+        )
+        # Never started: no attempt is counted against them.
+        settings = worker.settings
+        assert settings is not None  # a worker is sent settings with its first task
+        self._orphans.extend((queued, settings) for queued in worker.tasks)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Ask idle workers to stop; terminate any that do not within ``timeout``."""

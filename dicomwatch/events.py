@@ -8,6 +8,7 @@ Patient names never appear here: the record carries identifiers, not demographic
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -54,9 +55,15 @@ class Result:
         return {k: v for k, v in data.items() if v is not None and not (k == "retryable" and not v)}
 
 
+# Printable ASCII except space, '"' and '=': the common case, checked by one regex.
+_PLAIN_ASCII = re.compile(r"[!#-<>-~]+")
+
+
 def _quote(value: str) -> str:
     """Quote values with spaces or odd characters so each log line stays one parseable line."""
-    if value and all(c.isprintable() and c not in ' "=' for c in value):
+    if _PLAIN_ASCII.fullmatch(value) or (
+        value and all(c.isprintable() and c not in ' "=' for c in value)
+    ):
         return value
     return json.dumps(value, ensure_ascii=False)
 

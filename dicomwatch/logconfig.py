@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from dicomwatch.events import Result, render_json, render_text
+from dicomwatch.events import Result, render_text
 
 RESULTS_LOGGER = "dicomwatch.results"
 
@@ -72,7 +72,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         result = getattr(record, "result", None)
         if isinstance(result, Result):
-            payload: dict[str, Any] = json.loads(render_json(result))
+            payload: dict[str, Any] = {"event": "file", **result.as_dict()}
         else:
             payload = {"event": getattr(record, "event", "log"), "msg": record.getMessage()}
             fields = getattr(record, "fields", None)
@@ -107,4 +107,19 @@ def log_result(result: Result) -> None:
     """The one line per file; failures that will be retried are warnings."""
     logger = logging.getLogger(RESULTS_LOGGER)
     level = logging.WARNING if result.outcome.value in ("failed", "quarantined") else logging.INFO
-    logger.log(level, "%s", render_text(result), extra={"result": result})
+    logger.log(level, "%s", _Rendered(result), extra={"result": result})
+
+
+class _Rendered:
+    """The text of a result, rendered only if a handler asks for the plain message.
+
+    Both formatters here render the attached result themselves; rendering it up front
+    as well cost the daemon and ``sort`` a second rendering of every line."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: Result) -> None:
+        self.result = result
+
+    def __str__(self) -> str:
+        return render_text(self.result)

@@ -21,8 +21,10 @@ One command measures everything on the same corpus, in this order:
 
 The corpus is generated under ``bench/out/`` (gitignored) on first use and reused
 afterwards. Every batch row is one subprocess measured by :func:`bench.measure.measure`;
-with ``--repeat N`` each row runs N times and the table shows the run with the median
-wall time (all runs are kept in the JSON results file). Every row records the 1-minute
+with ``--repeat N`` the rows run round-robin N times (each round runs every row once,
+so a machine whose speed drifts during the run affects all rows alike) and the table
+shows each row's run with the median wall time (all runs are kept in the JSON results
+file). Every row records the 1-minute
 load average it started under.
 """
 
@@ -36,7 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -326,10 +328,17 @@ def wait_until_quiet(threshold: float, max_minutes: float, every_s: float = 30.0
 def measure_part(
     ctx: RunContext, corpus: CorpusInfo, only: set[str], workers_list: list[int | None]
 ) -> list[list[Measurement]]:
-    """Floors and sort rows on one corpus part."""
-    runs = run_floors(corpus, ctx.work, only=only, keep=ctx.keep_output, repeat=ctx.repeat)
-    runs += dicomwatch_measurements(ctx, workers_list, corpus)
-    return runs
+    """Floors and sort rows on one corpus part, ``ctx.repeat`` rounds of every row."""
+    once = replace(ctx, repeat=1)
+    rows: list[list[Measurement]] = []
+    for _ in range(ctx.repeat):
+        runs = run_floors(corpus, ctx.work, only=only, keep=ctx.keep_output, repeat=1)
+        runs += dicomwatch_measurements(once, workers_list, corpus)
+        if not rows:
+            rows = [[] for _ in runs]
+        for row, run in zip(rows, runs, strict=True):
+            row.extend(run)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

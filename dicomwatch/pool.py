@@ -191,6 +191,9 @@ class WorkerPool:
     def poll(self, timeout: float | None = 0.0, extra: Sequence[Any] = ()) -> list[Completion]:
         """Collect finished tasks, waiting up to ``timeout``; replaces dead workers."""
         self._top_up()
+        # Tasks of a dead worker wait here when no replacement could be started at once;
+        # a new worker has nothing to report, so they must be placed before waiting.
+        self._place_orphans()
         ready = multiprocessing.connection.wait([*self.wait_fds(), *extra], timeout)
         if not ready:
             return []

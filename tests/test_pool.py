@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -86,3 +88,36 @@ def test_a_dead_worker_costs_only_the_task_it_was_working_on(
     assert pool.crashes == 1
     (archived,) = settings.archive.rglob("*.dcm")
     assert archived.name.endswith(".2.dcm")
+
+
+def test_tasks_of_a_dead_worker_are_placed_even_when_its_replacement_starts_late(
+    settings: EngineSettings, make_dicom: Callable[..., Path]
+) -> None:
+    """The replacement could not be started at once (EAGAIN, say): the queued task must
+    still reach the next worker, not wait for a wake-up that never comes."""
+    first = make_dicom("first.dcm", InstanceNumber=1)
+    second = make_dicom("second.dcm", InstanceNumber=2)
+    pool = WorkerPool(1, depth=2)
+    pool.start()
+    real_spawn = pool._spawn
+    failures = [OSError(errno.EAGAIN, "Resource temporarily unavailable")]
+
+    def spawn_failing_once() -> Any:
+        if failures:
+            raise failures.pop()
+        return real_spawn()
+
+    pool._spawn = spawn_failing_once  # type: ignore[method-assign]
+    try:
+        (pid,) = pool.pids()
+        os.kill(pid, signal.SIGSTOP)
+        pool.submit(Task(str(first), "first.dcm"), settings)
+        pool.submit(Task(str(second), "second.dcm"), settings)
+        os.kill(pid, signal.SIGKILL)
+        done = {c.task.source: c.result for c in collect(pool, 2, timeout=20)}
+    finally:
+        pool.shutdown()
+    assert not failures  # the failing start really happened
+    assert done["first.dcm"].reason == "worker_crash"
+    assert done["second.dcm"].outcome is Outcome.SORTED
+    assert pool.busy == 0

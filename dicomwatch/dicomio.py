@@ -398,7 +398,15 @@ def _load_all(ds: Dataset, where: str, convert: frozenset[int] | None = None) ->
                     f"but the file ends after {len(value)}"
                 )
                 continue
-            if convert is not None and tag not in convert and raw.VR not in _SEQUENCE_VRS:
+            # An unknown VR is converted too, so it is refused as before: written back
+            # first in its data set or item, its bytes can make a reader take the whole
+            # data set for implicit VR and read it as something else.
+            if (
+                convert is not None
+                and tag not in convert
+                and raw.VR not in _SEQUENCE_VRS
+                and raw.VR in _KNOWN_VRS
+            ):
                 continue
         try:
             elem = ds[tag]
@@ -775,7 +783,7 @@ def encode(ds: Dataset) -> bytes:
     if not verbatim:
         _check_reads_back(encoded)
     elif _rewrites_structure(out, top_level=True):
-        _check_reads_back(encoded, convert=frozenset())
+        _check_reads_back(encoded, convert=frozenset(), expect=out)
     return encoded
 
 
@@ -807,7 +815,9 @@ def _rewrites_structure(ds: Dataset, *, top_level: bool) -> bool:
     return False
 
 
-def _check_reads_back(data: bytes, convert: frozenset[int] | None = None) -> None:
+def _check_reads_back(
+    data: bytes, convert: frozenset[int] | None = None, expect: Dataset | None = None
+) -> None:
     """Raise EncodeError unless `data` reads back as a complete data set (pixels aside).
 
     pydicom accepts some malformed input that it then writes in a form it cannot read
@@ -818,9 +828,10 @@ def _check_reads_back(data: bytes, convert: frozenset[int] | None = None) -> Non
     """
     with suppress_pydicom_warnings() as caught:
         try:
-            problem = _load_all(
-                dcmread(BytesIO(data), stop_before_pixels=True), "data set", convert
-            )
+            back = dcmread(BytesIO(data), stop_before_pixels=True)
+            problem = _load_all(back, "data set", convert)
+            if problem is None and expect is not None:
+                problem = _differs(back, expect)
         except MemoryError:
             raise
         # Our own output, but made of hostile input's values: see parse().
@@ -832,6 +843,21 @@ def _check_reads_back(data: bytes, convert: frozenset[int] | None = None) -> Non
             problem = "an undefined-length value has no delimiter"
     if problem is not None:
         raise EncodeError(f"the encoded file does not read back: {problem}")
+
+
+def _differs(back: Dataset, written: Dataset) -> str | None:
+    """How the data set read back differs in structure from the one written, if it does.
+
+    A file can parse cleanly and still be read as something else: a data set read as
+    implicit VR when it was written explicit, or with elements swallowed by another's
+    length.  The encoding and the top-level tags before the pixel data must match.
+    """
+    if back.original_encoding != (False, True):
+        return "it reads back as another encoding than Explicit VR Little Endian"
+    before_pixels = [t for t in list(written.keys()) if t < 0x7FE00010]
+    if sorted(back.keys()) != sorted(before_pixels):
+        return "it reads back with other elements than were written"
+    return None
 
 
 def _bits_allocated(ds: Dataset) -> int:
@@ -862,9 +888,9 @@ def _file_meta_bytes(ds: Dataset) -> bytes:
         _meta_element(0x0012, b"UI", _padded(PYDICOM_IMPLEMENTATION_UID, b"\x00")),
         _meta_element(0x0013, b"SH", _padded(_IMPLEMENTATION_VERSION_NAME, b" ")),
     ]
-    source_ae = _text(old.get("SourceApplicationEntityTitle")) if old is not None else ""
-    if source_ae:
-        elements.append(_meta_element(0x0016, b"AE", _padded(source_ae, b" ")))
+    source_ae = _source_ae_title(old)
+    if source_ae is not None:
+        elements.append(_meta_element(0x0016, b"AE", source_ae))
     body = b"".join(elements)
     return _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body
 
@@ -878,11 +904,29 @@ def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
 
 
 def _padded(text: str, pad: bytes) -> bytes:
+    """`text` encoded as pydicom encodes file meta values (ISO 8859-1), padded to even."""
     try:
-        value = text.encode("ascii")
+        value = text.encode("latin-1")
     except UnicodeEncodeError as exc:
-        raise EncodeError(f"file meta value {text!r} is not ASCII") from exc
+        raise EncodeError(f"file meta value {text!r} cannot be encoded") from exc
     return value + pad if len(value) % 2 else value
+
+
+def _source_ae_title(old: Dataset | None) -> bytes | None:
+    """The source's Source AE Title as written, or None to leave it out.
+
+    It is optional (Type 3) and only informative, so a value that cannot be encoded is
+    dropped rather than keeping the image out of the archive.
+    """
+    value: Any = old.get("SourceApplicationEntityTitle") if old is not None else None
+    if isinstance(value, MultiValue | list | tuple):
+        value = "\\".join(str(v) for v in value)
+    if value is None or not str(value).strip("\x00 "):
+        return None
+    try:
+        return _padded(str(value), b" ")
+    except EncodeError:
+        return None
 
 
 def _shallow_copy(src: Dataset) -> Dataset:

@@ -76,7 +76,10 @@ def render_text(result: Result) -> str:
     if result.sop_instance_uid:
         parts.append(f"uid={_quote(result.sop_instance_uid)}")
     if result.ts_in or result.ts_out:
-        parts.append(f"ts={result.ts_in or '-'}->{result.ts_out or '-'}")
+        # Taken from the file's own meta: as hostile as a file name.
+        ts_in = _quote(result.ts_in) if result.ts_in else "-"
+        ts_out = _quote(result.ts_out) if result.ts_out else "-"
+        parts.append(f"ts={ts_in}->{ts_out}")
     parts.append(f"bytes={result.bytes}")
     parts.append(f"ms={result.ms:.1f}")
     if result.reason:

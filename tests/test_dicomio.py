@@ -830,12 +830,65 @@ def test_encoded_file_meta_is_what_pydicom_writes(instance_uid: str, ae_title: s
     assert out[132 : meta_end(out)] == expected.getvalue()
 
 
-def test_encode_refuses_a_uid_that_is_not_ascii() -> None:
+def test_encode_refuses_a_uid_that_iso_8859_1_cannot_hold() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the value it is given
-        ds = minimal_dataset(SOPInstanceUID="1.2.3\u00e9")
-    with pytest.raises(EncodeError, match="not ASCII"):
+        ds = minimal_dataset(SOPInstanceUID="1.2.3\u4e2d")
+    with pytest.raises(EncodeError, match="cannot be encoded"):
         dicomio.encode(ds)
+
+
+@pytest.mark.parametrize(
+    ("title", "written"),
+    [("\u00c9CHO", b"\xc9CHO"), (["A", "B"], b"A\\B "), ("\u4e2d\u6587", None)],
+    ids=["latin-1", "two-values", "not-encodable"],
+)
+def test_source_ae_title_is_written_as_pydicom_does_or_left_out(
+    title: str | list[str], written: bytes | None
+) -> None:
+    ds = load(sample("CT_small.dcm"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about values outside the AE VR
+        ds.file_meta.SourceApplicationEntityTitle = title
+    out = dicomio.encode(ds)
+    meta = out[132 : meta_end(out)]
+    tag = b"\x02\x00\x16\x00AE"
+    if written is None:
+        assert tag not in meta
+    else:
+        assert tag + struct.pack("<H", len(written)) + written in meta
+
+
+@pytest.mark.parametrize("vr", [b"C\x00", b"QQ"], ids=["not-letters", "letters"])
+@pytest.mark.parametrize("where", ["in-order", "after-sop-class"])
+def test_parse_refuses_an_unknown_vr_in_an_element_it_does_not_read(vr: bytes, where: str) -> None:
+    """Written back first in its data set, VR bytes that are not letters make a reader
+    take the whole data set for implicit VR; an unknown VR is never archived."""
+    data = _with_raw_element(0x00070001, "CS", b"\x01")
+    head = data.index(b"\x07\x00\x01\x00CS")
+    element = data[head : head + 4] + vr + data[head + 6 : head + 9]
+    rest = data[:head] + data[head + 9 :]
+    if where == "in-order":
+        patched = rest[:head] + element + rest[head:]
+    else:  # out of tag order, behind (0008,0016), so the data set still reads as explicit
+        sop_class = rest.index(b"\x08\x00\x16\x00UI")
+        (length,) = struct.unpack_from("<H", rest, sop_class + 6)
+        after = sop_class + 8 + length
+        patched = rest[:after] + element + rest[after:]
+    with pytest.raises(NotDicomError) as raised:
+        dicomio.parse(patched)
+    if where == "after-sop-class":
+        assert "(0007,0001) cannot be decoded" in str(raised.value)
+
+
+def test_read_back_compares_encoding_and_elements_with_what_was_written() -> None:
+    ds = load(sample("CT_small.dcm"))
+    data = dicomio.encode(ds)
+    written = dicomio._shallow_copy(ds)
+    dicomio._check_reads_back(data, frozenset(), expect=written)
+    written.add_new(0x00091099, "LO", "never written")
+    with pytest.raises(EncodeError, match="other elements"):
+        dicomio._check_reads_back(data, frozenset(), expect=written)
 
 
 def test_read_back_is_needed_only_for_elements_the_reader_guessed() -> None:

@@ -89,3 +89,15 @@ def test_journald_lines_have_priority_and_no_timestamp(tmp_path: os.PathLike[str
     stamped = TextFormatter(journald=False).format(record)
     assert stamped.endswith("WARNING disk full") and stamped[:4].isdigit()
     assert json.loads(JsonFormatter().format(record))["msg"] == "disk full"
+
+
+def test_a_transfer_syntax_with_a_newline_cannot_forge_a_log_line() -> None:
+    forged = Result(
+        outcome=Outcome.SORTED,
+        source="a.dcm",
+        ts_in="1.2.840.10008.1.2.1\nsorted src=forged.dcm",
+        ts_out="1.2.840.10008.1.2.1",
+    )
+    line = render_text(forged)
+    assert "\n" not in line
+    assert 'ts="1.2.840.10008.1.2.1\\nsorted src=forged.dcm"->1.2.840.10008.1.2.1' in line

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from dicomwatch.config import INTERNAL_DIR
 from dicomwatch.layout import ensure_inside, numbered
 
 log = logging.getLogger(__name__)
 
-INTERNAL_DIR = ".dicomwatch"
 STAGING_DIR = "staging"
 TMP_SUFFIX = ".dwtmp"
 MAX_COLLISIONS = 10_000

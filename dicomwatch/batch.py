@@ -10,48 +10,19 @@ import logging
 import os
 import stat
 import sys
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from dicomwatch.archive import INTERNAL_DIR
-from dicomwatch.config import Config
-from dicomwatch.engine import Engine, log_codecs, owner_name
-from dicomwatch.events import Outcome, Result
-from dicomwatch.logconfig import log_result
+from dicomwatch.config import INTERNAL_DIR, Config
+from dicomwatch.decode import log_codecs
 from dicomwatch.pool import WorkerPool
+from dicomwatch.result import Outcome, Result
+from dicomwatch.sinks import Counters, LogSink, Sinks
 from dicomwatch.sorter import Task
+from dicomwatch.staging import Staging, owner_name
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Tally:
-    """Counts per outcome, and the rate, for the summary line and the exit status."""
-
-    counts: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
-    bytes: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    def add(self, result: Result) -> None:
-        self.counts[result.outcome] += 1
-        self.bytes += result.bytes
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        c = self.counts
-        return (
-            f"sorted {c[Outcome.SORTED]}, duplicates {c[Outcome.DUPLICATE]}, "
-            f"conflicts {c[Outcome.CONFLICT]}, quarantined {c[Outcome.QUARANTINED]}, "
-            f"errors {c[Outcome.FAILED]}; {self.total} files in {elapsed:.1f} s, "
-            f"{self.total / elapsed:.1f} files/s, {self.bytes / elapsed / 1e6:.1f} MB/s"
-        )
 
 
 def walk_files(sources: Sequence[Path], skip: Sequence[Path]) -> Iterator[Path]:
@@ -95,6 +66,41 @@ def _progress(enabled: bool) -> _Bar | None:
     return bar
 
 
+class PlanSink:
+    """``--dry-run``: where each file would go; destinations are kept to report collisions."""
+
+    def __init__(self) -> None:
+        self.planned: dict[str, list[str]] = {}
+
+    def on_result(self, task: Task, result: Result) -> None:
+        if result.outcome is Outcome.SORTED and result.destination:
+            note = " (exists)" if os.path.lexists(result.destination) else ""
+            print(f"would file {result.source} -> {result.destination}{note}")
+            self.planned.setdefault(result.destination, []).append(result.source)
+        elif result.outcome is Outcome.QUARANTINED:
+            print(f"would quarantine {result.source}: {result.reason}: {result.message}")
+        else:
+            print(f"cannot read {result.source}: {result.message}")
+
+    def flush(self) -> None:
+        for dest, srcs in self.planned.items():
+            if len(srcs) > 1:
+                print(f"collision {dest}: " + ", ".join(srcs))
+
+
+class _ProgressSink:
+    """Advances the progress bar by one per result."""
+
+    def __init__(self, bar: _Bar) -> None:
+        self.bar = bar
+
+    def on_result(self, task: Task, result: Result) -> None:
+        self.bar.update(1)
+
+    def flush(self) -> None:
+        pass
+
+
 def run_sort(
     cfg: Config,
     sources: Sequence[Path],
@@ -105,14 +111,20 @@ def run_sort(
 ) -> int:
     """Sort ``sources`` into ``cfg.archive``; exit status 0 if all filed, else 1."""
     workers = cfg.effective_workers
-    tally = Tally()
-    engine = Engine(cfg, owner_name(cfg, "sort"))
+    counters = Counters()
+    staging = Staging(cfg, owner_name(cfg, "sort"))
     settings = (
-        engine.open() if not dry_run else engine.settings_for(cfg, [cfg.archive, cfg.quarantine])
+        staging.open() if not dry_run else staging.settings_for(cfg, [cfg.archive, cfg.quarantine])
     )
-    planned: dict[str, list[str]] = {}
     pool = WorkerPool(workers, memory_mb=cfg.worker_memory_mb)
     bar = _progress(progress)
+    sinks = Sinks(
+        [
+            PlanSink() if dry_run else LogSink(),
+            counters,
+            *([_ProgressSink(bar)] if bar is not None else []),
+        ]
+    )
     log.info(
         "sorting %s into %s with %d workers%s",
         ", ".join(map(str, sources)),
@@ -142,36 +154,13 @@ def run_sort(
             if exhausted and not pool.busy:
                 break
             for done in pool.poll(timeout=1.0):
-                result = done.result
-                tally.add(result)
-                if dry_run:
-                    _print_plan(result, planned)
-                else:
-                    log_result(result)
-                if bar is not None:
-                    bar.update(1)
+                sinks.on_result(done.task, done.result)
     finally:
         if bar is not None:
             bar.close()
         pool.shutdown()
         if not dry_run:
-            engine.close()
-    if dry_run:
-        for dest, srcs in planned.items():
-            if len(srcs) > 1:
-                print(f"collision {dest}: " + ", ".join(srcs))
-    log.info("%s", tally.summary())
-    bad = tally.counts[Outcome.QUARANTINED] + tally.counts[Outcome.FAILED]
-    return 0 if bad == 0 else 1
-
-
-def _print_plan(result: Result, planned: dict[str, list[str]]) -> None:
-    """Dry run: where each file would go; remember destinations to report collisions."""
-    if result.outcome is Outcome.SORTED and result.destination:
-        note = " (exists)" if os.path.lexists(result.destination) else ""
-        print(f"would file {result.source} -> {result.destination}{note}")
-        planned.setdefault(result.destination, []).append(result.source)
-    elif result.outcome is Outcome.QUARANTINED:
-        print(f"would quarantine {result.source}: {result.reason}: {result.message}")
-    else:
-        print(f"cannot read {result.source}: {result.message}")
+            staging.close()
+    sinks.flush()
+    log.info("%s", counters.sort_summary())
+    return 0 if counters.bad == 0 else 1

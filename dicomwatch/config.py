@@ -28,6 +28,14 @@ LogFormat = Literal["text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*.partial", "*~")
+"""Names senders use while a transfer is in progress (rsync's ``.name.XXXXXX``, scp and
+browser ``.part``/``.tmp``, editor backups).  They are renamed to the final name when
+complete, and that rename is what gets reported."""
+
+INTERNAL_DIR = ".dicomwatch"
+"""dicomwatch's own folder inside the inbox (claims) and each output root (staging).
+Never reported or sorted, whatever the ignore patterns say, so a custom pattern list
+cannot make the daemon eat its own files."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class Config:
     max_attempts: int = 3
     retry_initial_seconds: float = 5.0
     retry_max_seconds: float = 300.0
+    task_timeout_seconds: float = 300.0
+    stuck_warning_seconds: float = 600.0
     shutdown_timeout_seconds: float = 60.0
     summary_seconds: float = 300.0
     empty_dir_grace_seconds: float = 300.0
@@ -110,6 +120,8 @@ _MINIMUMS: dict[str, tuple[float, bool]] = {
     "max_attempts": (1, False),
     "retry_initial_seconds": (0, True),
     "retry_max_seconds": (0, True),
+    "task_timeout_seconds": (0, False),
+    "stuck_warning_seconds": (0, True),
     "shutdown_timeout_seconds": (0, False),
     "summary_seconds": (0, True),
     "empty_dir_grace_seconds": (0, False),

@@ -12,6 +12,7 @@ Together with :mod:`dicomwatch.dicomio` this is the only module that imports pyd
 
 from __future__ import annotations
 
+import logging
 import struct
 
 from pydicom.dataset import Dataset
@@ -38,6 +39,8 @@ from dicomwatch.dicomio import (
     transfer_syntax,
 )
 from dicomwatch.errors import DecodeError, TooLargeError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "check_size",
@@ -316,3 +319,20 @@ def _describe_decoded_pixels(ds: Dataset) -> None:
     samples = ds.get("SamplesPerPixel")
     if isinstance(samples, int) and samples > 1 and "PlanarConfiguration" not in ds:
         ds.PlanarConfiguration = 0  # pydicom's decoders return pixel-interleaved data
+
+
+def log_codecs(decompress: bool) -> None:
+    """Say once at start which compressed syntaxes can be decoded here, and which cannot.
+
+    A quarantine full of decode errors is easy to explain when the log said a codec
+    was missing.
+    """
+    codecs = codec_report()
+    usable = sorted(name for name, ok in codecs.items() if ok)
+    missing = sorted(name for name, ok in codecs.items() if not ok)
+    log.info("decodable compressed transfer syntaxes: %s", "; ".join(usable) or "none")
+    if missing and decompress:
+        log.info(
+            "no decoder installed for (such files are quarantined while decompress is on): %s",
+            "; ".join(missing),
+        )

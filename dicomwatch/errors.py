@@ -8,6 +8,8 @@ module that calls the library, with ``raise ... from exc`` so the cause is kept.
 
 from __future__ import annotations
 
+from dicomwatch.reasons import Reason
+
 
 class DicomwatchError(Exception):
     """Base class of every error dicomwatch raises on purpose."""
@@ -27,50 +29,50 @@ class RetryableError(DicomwatchError):
 class RejectedError(DicomwatchError):
     """The file itself can never be filed; it goes to quarantine with this reason.
 
-    ``reason`` is a short stable code (used in the sidecar and the log); the message is
-    for people.
+    ``reason`` is a short stable code (a :class:`Reason`, used in the sidecar and the
+    log); the message is for people.
     """
 
-    reason = "rejected"
+    reason = Reason.REJECTED
 
 
 class NotDicomError(RejectedError):
     """Not a DICOM file, or lacking what the archive needs (SOPInstanceUID)."""
 
-    reason = "not_dicom"
+    reason = Reason.NOT_DICOM
 
 
 class IncompleteError(RejectedError):
     """The file ends before its data does (truncated header or pixel data)."""
 
-    reason = "truncated"
+    reason = Reason.TRUNCATED
 
 
 class TooLargeError(RejectedError):
     """The pixel data would decode to more bytes than ``max_decoded_bytes`` allows."""
 
-    reason = "too_large"
+    reason = Reason.TOO_LARGE
 
 
 class DecodeError(RejectedError):
     """The pixel data could not be decompressed."""
 
-    reason = "decode_error"
+    reason = Reason.DECODE_ERROR
 
 
 class UnsafePathError(RejectedError):
     """The rendered destination would fall outside the archive root."""
 
-    reason = "unsafe_path"
+    reason = Reason.UNSAFE_PATH
 
 
 class WorkerCrashError(RejectedError):
     """A worker process died repeatedly while holding this file."""
 
-    reason = "worker_crash"
+    reason = Reason.WORKER_CRASH
 
 
 class EncodeError(RejectedError):
     """The dataset could not be written back out as DICOM."""
 
-    reason = "encode_error"
+    reason = Reason.ENCODE_ERROR

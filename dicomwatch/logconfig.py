@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from dicomwatch.events import Result, render_text
+from dicomwatch.result import Result, render_text
 
 RESULTS_LOGGER = "dicomwatch.results"
 

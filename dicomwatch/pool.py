@@ -24,14 +24,16 @@ import multiprocessing.connection
 import os
 import resource
 import signal
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from dicomwatch.events import Outcome, Result
+from dicomwatch.reasons import Reason
+from dicomwatch.result import Outcome, Result
 from dicomwatch.sorter import EngineSettings, Task, process
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ class _Worker:
     """Sent and without a result yet, oldest (the one being worked on) first."""
     settings: EngineSettings | None = None
     """The settings this worker holds; tasks carry settings only when they differ."""
+    started: float = 0.0
+    """When the worker began its oldest task (the pool's clock), for the time limit."""
 
 
 @dataclass(frozen=True)
@@ -99,15 +103,24 @@ class Completion:
 class WorkerPool:
     """A fixed number of worker processes, each holding at most ``depth`` tasks."""
 
-    def __init__(self, size: int, *, memory_mb: int = 0, depth: int = 2) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        memory_mb: int = 0,
+        depth: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.size = size
         self.memory_mb = memory_mb
         self.depth = depth
+        self.clock = clock
         self._workers: list[_Worker] = []
         self._orphans: deque[tuple[Task, EngineSettings]] = deque()
         """Tasks a dead worker held but had not started, waiting for a free slot."""
         self._spawn_failing = False
         self.crashes = 0
+        self.timeouts = 0
 
     def start(self) -> None:
         self._top_up()
@@ -168,6 +181,8 @@ class WorkerPool:
 
     def _send(self, task: Task, settings: EngineSettings) -> None:
         worker = min(self._workers, key=lambda w: len(w.tasks))
+        if not worker.tasks:
+            worker.started = self.clock()
         worker.tasks.append(task)
         # A worker that died while idle fails this send; ``poll`` then notices the
         # dead process, reports the task as crashed and replaces the worker.
@@ -208,6 +223,7 @@ class WorkerPool:
                         result = worker.conn.recv()
                         if worker.tasks:
                             done.append(Completion(worker.tasks.popleft(), result))
+                            worker.started = self.clock()  # it starts on the next at once
                         if not worker.conn.poll():
                             break
                 except (EOFError, OSError):
@@ -218,8 +234,50 @@ class WorkerPool:
         self._place_orphans()
         return done
 
-    def _bury(self, worker: _Worker, done: list[Completion]) -> None:
-        """Report a dead worker's task as crashed and drop the worker (``_top_up`` replaces it)."""
+    def expire(self, limit_seconds: float) -> list[Completion]:
+        """Kill every worker that has spent more than ``limit_seconds`` on one task.
+
+        A hung decoder or a read stuck on a dead network share would otherwise hold its
+        file, and a worker, for ever.  The task is reported failed with reason
+        ``timeout`` (an attempt, like a crash); the worker's queued task is handed on.
+        """
+        if limit_seconds <= 0:
+            return []
+        now = self.clock()
+        done: list[Completion] = []
+        for worker in list(self._workers):
+            if not worker.tasks or now - worker.started <= limit_seconds:
+                continue
+            task = worker.tasks[0]
+            log.warning(
+                "worker %s has spent %.0f s on %s (task_timeout_seconds %.0f); killing it",
+                worker.process.pid,
+                now - worker.started,
+                task.source,
+                limit_seconds,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.process.pid or 0, signal.SIGKILL)
+            self.timeouts += 1
+            self._bury(
+                worker,
+                done,
+                reason=Reason.TIMEOUT,
+                message=f"no result after {limit_seconds:.0f} s",
+            )
+        self._top_up()
+        self._place_orphans()
+        return done
+
+    def _bury(
+        self,
+        worker: _Worker,
+        done: list[Completion],
+        *,
+        reason: Reason = Reason.WORKER_CRASH,
+        message: str | None = None,
+    ) -> None:
+        """Report a dead worker's task as failed and drop the worker (``_top_up`` replaces it)."""
         self._workers.remove(worker)
         worker.process.join(timeout=1)
         code = worker.process.exitcode
@@ -227,17 +285,19 @@ class WorkerPool:
         if not worker.tasks:
             return
         task = worker.tasks.popleft()
-        self.crashes += 1
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
-        log.warning("worker %s died (%s) while filing %s", worker.process.pid, how, task.source)
+        if message is None:
+            self.crashes += 1
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
+            log.warning("worker %s died (%s) while filing %s", worker.process.pid, how, task.source)
+            message = f"worker {how}"
         done.append(
             Completion(
                 task,
                 Result(
                     outcome=Outcome.FAILED,
                     source=task.source,
-                    reason="worker_crash",
-                    message=f"worker {how}",
+                    reason=reason,
+                    message=message,
                     retryable=True,
                 ),
             )

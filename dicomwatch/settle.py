@@ -263,6 +263,10 @@ class SettleTracker:
         self._special_pending = []
         return out
 
+    def paths(self) -> list[str]:
+        """Every tracked path, longest-tracked first (a copy: safe to forget while iterating)."""
+        return list(self._by_age)
+
     def __contains__(self, path: object) -> bool:
         return isinstance(path, str) and path in self._by_age
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import stat
@@ -27,7 +26,6 @@ from pathlib import Path, PurePosixPath
 from dicomwatch import decode, dicomio
 from dicomwatch.archive import Filer, Placement
 from dicomwatch.errors import RejectedError, RetryableError
-from dicomwatch.events import Outcome, Result
 from dicomwatch.layout import (
     Template,
     clean_filename_field,
@@ -35,6 +33,9 @@ from dicomwatch.layout import (
     ensure_inside,
     render,
 )
+from dicomwatch.reasons import Reason
+from dicomwatch.result import Instance, Outcome, Result
+from dicomwatch.sidecar import SIDECAR_SUFFIX, QuarantineRecord
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Task:
     remove_source: bool = False
     rel_source: str | None = None
     """Path relative to the inbox, for ``after_filing: move`` and quarantine names."""
-    quarantine_reason: tuple[str, str] | None = None
+    quarantine_reason: tuple[Reason, str] | None = None
     """Set by the daemon when workers kept dying on this file: quarantine it unread."""
     dry_run: bool = False
     attempts: int = 0
@@ -115,35 +116,73 @@ def _existing_uid(path: Path) -> str | None:
         return None
 
 
-def _prepare(data: bytes, settings: EngineSettings) -> tuple[bytes, FilingPlan, str, str]:
-    """Read once, check, decide the path, decode if configured: (out bytes, plan, ts in, ts out)."""
+_IDENTITY_KEYWORDS = (
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "PatientID",
+    "Modality",
+    "StudyDate",
+    "SeriesNumber",
+    "InstanceNumber",
+)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    out: bytes
+    filing: FilingPlan
+    ts_in: str
+    ts_out: str
+    instance: Instance
+
+
+def _identify(values: dict[str, str | None], template_keywords: frozenset[str]) -> Instance:
+    """The identifiers the parent's sinks need, read in the same pass as the template's."""
+    return Instance(
+        series_instance_uid=values.get("SeriesInstanceUID"),
+        study_instance_uid=values.get("StudyInstanceUID"),
+        patient_id=values.get("PatientID"),
+        modality=values.get("Modality"),
+        study_date=values.get("StudyDate"),
+        series_number=values.get("SeriesNumber"),
+        instance_number=values.get("InstanceNumber"),
+        template_values={k: values.get(k) for k in sorted(template_keywords)},
+    )
+
+
+def _prepare(data: bytes, settings: EngineSettings) -> _Prepared:
+    """Read once, check, decide the path, decode if configured."""
     ds = dicomio.parse(data, max_inflated_bytes=settings.max_decoded_bytes)
     dicomio.check_complete(ds)
     ts_in = dicomio.transfer_syntax(ds)
     uid = str(ds.SOPInstanceUID)
-    values = dicomio.header_values(ds, settings.template.keywords)
-    filing = plan(values, settings.template, uid)
+    keywords = settings.template.keywords
+    instance = _identify(dicomio.header_values(ds, keywords.union(_IDENTITY_KEYWORDS)), keywords)
+    filing = plan(dict(instance.template_values), settings.template, uid)
     if not settings.decompress:
-        return data, filing, ts_in, ts_in
+        return _Prepared(data, filing, ts_in, ts_in, instance)
     if decode.is_compressed(ds):
         decode.check_size(ds, settings.max_decoded_bytes)
         ds = decode.decompress(ds)
-        return dicomio.encode(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN
+        return _Prepared(dicomio.encode(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN, instance)
     if dicomio.is_plain_explicit_le(ds):
-        return data, filing, ts_in, ts_in
-    return dicomio.encode(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN
+        return _Prepared(data, filing, ts_in, ts_in, instance)
+    return _Prepared(dicomio.encode(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN, instance)
 
 
-def _retry_reason(exc: OSError) -> str:
-    names = {
-        errno.ENOSPC: "disk_full",
-        errno.EDQUOT: "quota_exceeded",
-        errno.EACCES: "permission_denied",
-        errno.EPERM: "permission_denied",
-        errno.EROFS: "read_only",
-        errno.ENOENT: "vanished",
-    }
-    return names.get(exc.errno or 0, "io_error")
+_ERRNO_REASONS = {
+    errno.ENOSPC: Reason.DISK_FULL,
+    errno.EDQUOT: Reason.QUOTA_EXCEEDED,
+    errno.EACCES: Reason.PERMISSION_DENIED,
+    errno.EPERM: Reason.PERMISSION_DENIED,
+    errno.EROFS: Reason.READ_ONLY,
+    errno.ENOENT: Reason.VANISHED,
+}
+
+
+def retry_reason(exc: OSError) -> Reason:
+    """The reason code for an ``OSError`` that leaves a file to be tried again."""
+    return _ERRNO_REASONS.get(exc.errno or 0, Reason.IO_ERROR)
 
 
 _QUARANTINE_NAME_BYTES = 200
@@ -169,7 +208,7 @@ def quarantine(
     task: Task,
     data: bytes,
     settings: EngineSettings,
-    reason: str,
+    reason: Reason,
     message: str,
     uid: str | None = None,
 ) -> Placement:
@@ -181,27 +220,19 @@ def quarantine(
     filer = _FILERS.get(settings.quarantine, settings.quarantine_staging, settings.fsync)
     rel = PurePosixPath(clean_filename_field(reason)) / _quarantine_name(task)
     placement = filer.place(rel, data)
-    sidecar = {
-        "outcome": "quarantined",
-        "reason": reason,
-        "error": message,
-        "source": task.source,
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "sop_instance_uid": uid,
-        "node": settings.node_id,
-        "attempts": task.attempts,
-    }
+    record = QuarantineRecord(
+        reason=str(reason),
+        error=message,
+        source=task.source,
+        time=datetime.now(UTC).isoformat(timespec="seconds"),
+        sop_instance_uid=uid,
+        node=settings.node_id,
+        attempts=task.attempts,
+    )
     side_rel = placement.path.relative_to(settings.quarantine).with_name(
-        placement.path.name + ".reason.json"
+        placement.path.name + SIDECAR_SUFFIX
     )
-    filer.write_once(
-        PurePosixPath(side_rel.as_posix()),
-        # A source name that is not UTF-8 holds surrogate escapes; backslashreplace writes
-        # them as JSON \\udcXX escapes, which read back to the same name.
-        (json.dumps(sidecar, ensure_ascii=False, indent=2) + "\n").encode(
-            "utf-8", "backslashreplace"
-        ),
-    )
+    filer.write_once(PurePosixPath(side_rel.as_posix()), record.to_bytes())
     return placement
 
 
@@ -223,15 +254,23 @@ def process(task: Task, settings: EngineSettings) -> Result:
     """File one file; never raises for anything the file or the disk can do."""
     started = time.perf_counter()
 
+    instance: Instance | None = None
+
     def done(outcome: Outcome, **kw: object) -> Result:
         ms = (time.perf_counter() - started) * 1000.0
-        return Result(outcome=outcome, source=task.source, ms=ms, **kw)  # type: ignore[arg-type]
+        return Result(
+            outcome=outcome,
+            source=task.source,
+            ms=ms,
+            instance=instance,
+            **kw,  # type: ignore[arg-type]
+        )
 
     try:
         data = _read_regular(task.path)
     except OSError as exc:
         return done(
-            Outcome.FAILED, reason=_retry_reason(exc), message=_oserror_text(exc), retryable=True
+            Outcome.FAILED, reason=retry_reason(exc), message=_oserror_text(exc), retryable=True
         )
 
     uid: str | None = None
@@ -240,7 +279,9 @@ def process(task: Task, settings: EngineSettings) -> Result:
         if task.quarantine_reason is not None:
             reason, message = task.quarantine_reason
             raise _ForcedQuarantine(reason, message)
-        out, filing, ts_in, ts_out = _prepare(data, settings)
+        prepared = _prepare(data, settings)
+        out, filing, ts_in, ts_out = prepared.out, prepared.filing, prepared.ts_in, prepared.ts_out
+        instance = prepared.instance
         uid = filing.sop_instance_uid
         if task.dry_run:
             dest = ensure_inside(settings.archive, filing.rel_path)
@@ -268,9 +309,9 @@ def process(task: Task, settings: EngineSettings) -> Result:
             ts_in=ts_in,
             ts_out=ts_out,
             bytes=len(data),
-            reason="same_uid_different_content"
+            reason=Reason.SAME_UID_DIFFERENT_CONTENT
             if outcome is Outcome.CONFLICT
-            else ("name_taken" if placed.renamed and not placed.duplicate else None),
+            else (Reason.NAME_TAKEN if placed.renamed and not placed.duplicate else None),
         )
     except (RejectedError, _ForcedQuarantine) as exc:
         reason = exc.reason
@@ -288,7 +329,7 @@ def process(task: Task, settings: EngineSettings) -> Result:
         except OSError as qexc:
             return done(
                 Outcome.FAILED,
-                reason=_retry_reason(qexc),
+                reason=retry_reason(qexc),
                 message=f"cannot quarantine ({exc}): {_oserror_text(qexc)}",
                 retryable=True,
             )
@@ -304,7 +345,7 @@ def process(task: Task, settings: EngineSettings) -> Result:
     except MemoryError:
         return done(
             Outcome.FAILED,
-            reason="out_of_memory",
+            reason=Reason.OUT_OF_MEMORY,
             sop_instance_uid=uid,
             ts_in=ts_in,
             bytes=len(data),
@@ -312,11 +353,11 @@ def process(task: Task, settings: EngineSettings) -> Result:
             retryable=True,
         )
     except RetryableError as exc:
-        return done(Outcome.FAILED, reason="retry", message=str(exc), retryable=True)
+        return done(Outcome.FAILED, reason=Reason.RETRY, message=str(exc), retryable=True)
     except OSError as exc:
         return done(
             Outcome.FAILED,
-            reason=_retry_reason(exc),
+            reason=retry_reason(exc),
             sop_instance_uid=uid,
             ts_in=ts_in,
             bytes=len(data),
@@ -332,7 +373,7 @@ def process(task: Task, settings: EngineSettings) -> Result:
             # Filed durably, but the source stays: the next attempt finds a duplicate.
             return done(
                 Outcome.FAILED,
-                reason=_retry_reason(exc),
+                reason=retry_reason(exc),
                 destination=result.destination,
                 sop_instance_uid=uid,
                 message=f"filed, but cannot remove source: {_oserror_text(exc)}",
@@ -342,7 +383,7 @@ def process(task: Task, settings: EngineSettings) -> Result:
 
 
 class _ForcedQuarantine(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 

@@ -31,7 +31,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, Self
+from typing import Self
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -49,6 +49,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
+from dicomwatch.config import DEFAULT_IGNORE, INTERNAL_DIR, ObserverKind
 from dicomwatch.settle import special_kind
 
 __all__ = [
@@ -56,26 +57,15 @@ __all__ = [
     "DEFAULT_MAX_QUEUED",
     "INTERNAL_DIR",
     "InboxWatcher",
-    "ObserverChoice",
+    "ObserverKind",
     "is_ignored",
     "scan",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*.partial", "*~")
-"""Names senders use while a transfer is in progress (rsync's ``.name.XXXXXX``, scp and
-browser ``.part``/``.tmp``, editor backups).  They are renamed to the final name when
-complete, and that rename is what gets reported."""
-
-INTERNAL_DIR = ".dicomwatch"
-"""The daemon's own folder inside the inbox (claims).  Never reported, whatever the
-ignore patterns say, so a custom pattern list cannot make the daemon eat its own files."""
-
 DEFAULT_MAX_QUEUED = 100_000
 """Distinct paths (plus directories) held between two drains before events are dropped."""
-
-ObserverChoice = Literal["auto", "native", "polling"]
 
 # Only the events that can mean "a file may have arrived".  On inotify this also narrows
 # the kernel mask: no IN_OPEN / IN_CLOSE_NOWRITE / IN_DELETE traffic, which the sorter's
@@ -319,7 +309,7 @@ class InboxWatcher:
         self,
         inbox: str | os.PathLike[str],
         *,
-        observer: ObserverChoice,
+        observer: ObserverKind,
         ignore: Sequence[str],
         polling_interval_seconds: float = 1.0,
         max_queued: int = DEFAULT_MAX_QUEUED,
@@ -353,7 +343,7 @@ class InboxWatcher:
         self._watched = os.path.realpath(inbox)
         self._watched_prefix = self._watched.rstrip(os.sep) + os.sep
         self._inbox_prefix = self._inbox.rstrip(os.sep) + os.sep
-        self._mode: ObserverChoice = observer
+        self._mode: ObserverKind = observer
         self._patterns = tuple(ignore)
         self._regex = _compile_patterns(self._patterns)
         self._interval = float(polling_interval_seconds)

@@ -65,6 +65,8 @@ def non_default_values(base: Path) -> dict[str, Any]:
         "max_attempts": 5,
         "retry_initial_seconds": 1.0,
         "retry_max_seconds": 10.0,
+        "task_timeout_seconds": 0.0,
+        "stuck_warning_seconds": 30.0,
         "shutdown_timeout_seconds": 5.0,
         "summary_seconds": 60.0,
         "empty_dir_grace_seconds": 0.0,

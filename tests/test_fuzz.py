@@ -35,8 +35,8 @@ from test_hostile import SPECIFIC_CHARACTER_SET, TEMPLATE_KEYWORDS, VR_OF, encod
 
 from dicomwatch import dicomio
 from dicomwatch.archive import StagingOwner
-from dicomwatch.events import Outcome
 from dicomwatch.layout import DEFAULT_TEMPLATE
+from dicomwatch.result import Outcome
 from dicomwatch.sorter import EngineSettings, Task, process
 
 FUZZ_SOURCES = [

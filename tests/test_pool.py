@@ -14,10 +14,10 @@ import pytest
 from conftest import wait_for
 
 from dicomwatch.config import Config
-from dicomwatch.engine import Engine
-from dicomwatch.events import Outcome
 from dicomwatch.pool import Completion, WorkerPool
+from dicomwatch.result import Outcome
 from dicomwatch.sorter import EngineSettings, Task
+from dicomwatch.staging import Staging
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def settings(tmp_path: Path) -> Iterator[EngineSettings]:
     cfg = Config(inbox=tmp_path / "inbox", archive=tmp_path / "archive", quarantine=tmp_path / "q")
     for folder in (cfg.archive, cfg.quarantine):
         folder.mkdir()
-    with Engine(cfg, owner="pooltest") as opened:
+    with Staging(cfg, owner="pooltest") as opened:
         yield opened
 
 

@@ -42,15 +42,15 @@ from dicomwatch.watcher import (
     DEFAULT_IGNORE,
     INTERNAL_DIR,
     InboxWatcher,
-    ObserverChoice,
+    ObserverKind,
     is_ignored,
     scan,
 )
 
 POLL = 0.05
 DEADLINE = 10.0
-OBSERVERS: list[ObserverChoice] = ["native", "polling"]
-ALL_MODES: list[ObserverChoice] = ["auto", "native", "polling"]
+OBSERVERS: list[ObserverKind] = ["native", "polling"]
+ALL_MODES: list[ObserverKind] = ["auto", "native", "polling"]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux")
 
 
@@ -125,7 +125,7 @@ def start_watcher(inbox: Path) -> Iterator[Callable[..., InboxWatcher]]:
     started: list[InboxWatcher] = []
 
     def start(
-        mode: ObserverChoice, *, ignore: tuple[str, ...] = DEFAULT_IGNORE, **kw: int
+        mode: ObserverKind, *, ignore: tuple[str, ...] = DEFAULT_IGNORE, **kw: int
     ) -> InboxWatcher:
         w = InboxWatcher(
             inbox,

@@ -1,4 +1,4 @@
-"""Opens the sorting engine for one process: staging folders, stale clean-up, settings.
+"""The staging folders one process owns in each output root, and the settings naming them.
 
 ``dicomwatch sort`` and ``dicomwatch run`` both start here, so the two can never differ
 in how they prepare the archive.
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Engine:
+class Staging:
     """Staging ownership for the archive, quarantine (and processed) roots."""
 
     cfg: Config
@@ -73,25 +73,6 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def log_codecs(decompress: bool) -> None:
-    """Say once at start which compressed syntaxes can be decoded here, and which cannot.
-
-    A quarantine full of decode errors is easy to explain when the log said a codec
-    was missing.
-    """
-    from dicomwatch import decode
-
-    codecs = decode.codec_report()
-    usable = sorted(name for name, ok in codecs.items() if ok)
-    missing = sorted(name for name, ok in codecs.items() if not ok)
-    log.info("decodable compressed transfer syntaxes: %s", "; ".join(usable) or "none")
-    if missing and decompress:
-        log.info(
-            "no decoder installed for (such files are quarantined while decompress is on): %s",
-            "; ".join(missing),
-        )
 
 
 def owner_name(cfg: Config, role: str) -> str:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
+
+from dicomwatch.reasons import Reason
 
 
 class Outcome(StrEnum):
@@ -28,6 +31,25 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True)
+class Instance:
+    """Which instance a file holds, as its header says: what the parent's sinks key on.
+
+    The index, series tracking and metrics need these; the log line does not show them
+    (a PatientID is PHI), so :meth:`Result.as_dict` and the text rendering leave them out.
+    """
+
+    series_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    patient_id: str | None = None
+    modality: str | None = None
+    study_date: str | None = None
+    series_number: str | None = None
+    instance_number: str | None = None
+    template_values: Mapping[str, str | None] = field(default_factory=dict)
+    """The header values the path template was rendered from, by keyword."""
+
+
+@dataclass(frozen=True)
 class Result:
     """One file's result: small and picklable, it crosses the worker pipe."""
 
@@ -39,9 +61,11 @@ class Result:
     ts_out: str | None = None
     bytes: int = 0
     ms: float = 0.0
-    reason: str | None = None
+    reason: Reason | None = None
     message: str | None = None
     retryable: bool = False
+    instance: Instance | None = field(default=None, compare=False)
+    """Identifiers for the sinks; never rendered into the log line."""
 
     @property
     def filed(self) -> bool:
@@ -49,10 +73,21 @@ class Result:
         return self.outcome is not Outcome.FAILED
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """The fields a log line shows (JSON): set ones only, no instance identifiers."""
+        data: dict[str, Any] = {}
+        for f in _RENDERED_FIELDS:
+            value = getattr(self, f)
+            if value is None or (f == "retryable" and not value):
+                continue
+            data[f] = value
         data["outcome"] = self.outcome.value
         data["ms"] = round(self.ms, 1)
-        return {k: v for k, v in data.items() if v is not None and not (k == "retryable" and not v)}
+        if self.reason is not None:
+            data["reason"] = str(self.reason)
+        return data
+
+
+_RENDERED_FIELDS = tuple(f.name for f in fields(Result) if f.name != "instance")
 
 
 # Printable ASCII except space, '"' and '=': the common case, checked by one regex.

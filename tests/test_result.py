@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from dicomwatch.events import Outcome, Result, render_json, render_text
 from dicomwatch.logconfig import JsonFormatter, TextFormatter, log_result, setup_logging
+from dicomwatch.result import Outcome, Result, render_json, render_text
 
 RESULT = Result(
     outcome=Outcome.SORTED,

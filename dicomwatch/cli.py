@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,35 +27,35 @@ EXIT_CONFIG = 78
 log = logging.getLogger("dicomwatch")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dicomwatch",
-        description="File DICOM instances into a hierarchical archive, durably.",
+Command = Callable[[argparse.Namespace, Config], int]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML config file (default: built-in: ./inbox -> ./archive)",
     )
-    parser.add_argument("--version", action="version", version=f"dicomwatch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="one line per file as text or JSON lines (overrides the config)",
+    )
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--config",
-            type=Path,
-            metavar="FILE",
-            help="YAML config file (default: built-in: ./inbox -> ./archive)",
-        )
-        p.add_argument(
-            "--log-format",
-            choices=["text", "json"],
-            help="one line per file as text or JSON lines (overrides the config)",
-        )
 
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="watch the inbox and file everything that lands there")
-    common(run)
+    _common(run)
     run.add_argument(
         "--once", action="store_true", help="file what is already settled in the inbox, then exit"
     )
+    run.set_defaults(func=_cmd_run)
 
+
+def _add_sort(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sort = sub.add_parser("sort", help="sort existing folders once")
-    common(sort)
+    _common(sort)
     sort.add_argument("sources", nargs="+", type=Path, metavar="SRC")
     sort.add_argument("--archive", type=Path, metavar="DST", help="archive folder")
     sort.add_argument(
@@ -76,9 +76,28 @@ def _parser() -> argparse.ArgumentParser:
         help="show a progress bar (default: when stderr is a terminal)",
     )
     progress.add_argument("--no-progress", dest="progress", action="store_false")
+    sort.set_defaults(func=_cmd_sort)
 
+
+def _add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", type=Path, metavar="FILE")
+    check.set_defaults(func=_cmd_check_config)
+
+
+COMMANDS = (_add_run, _add_sort, _add_check_config)
+"""Each command registers its own arguments and handler (``set_defaults(func=...)``)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicomwatch",
+        description="File DICOM instances into a hierarchical archive, durably.",
+    )
+    parser.add_argument("--version", action="version", version=f"dicomwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -103,50 +122,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = _load(args)
     except ConfigError as exc:
-        print(f"dicomwatch: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _config_error(exc)
     setup_logging(cfg.log_format, cfg.log_level)
+    command: Command = args.func
+    return command(args, cfg)
 
-    if args.command == "check-config":
-        try:
-            prepare_folders(cfg, create=False)
-        except ConfigError as exc:
-            print(f"dicomwatch: configuration error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        sys.stdout.write(render_yaml(cfg))
-        return EXIT_OK
 
-    if args.command == "sort":
-        from dicomwatch.batch import run_sort
+def _config_error(exc: ConfigError) -> int:
+    print(f"dicomwatch: configuration error: {exc}", file=sys.stderr)
+    return EXIT_CONFIG
 
-        sources = [Path(s) for s in args.sources]
-        for src in sources:
-            if not src.exists():
-                print(f"dicomwatch sort: {src}: no such file or folder", file=sys.stderr)
+
+def _cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        prepare_folders(cfg, create=False)
+    except ConfigError as exc:
+        return _config_error(exc)
+    sys.stdout.write(render_yaml(cfg))
+    return EXIT_OK
+
+
+def _cmd_sort(args: argparse.Namespace, cfg: Config) -> int:
+    from dicomwatch.batch import run_sort
+
+    sources = [Path(s) for s in args.sources]
+    for src in sources:
+        if not src.exists():
+            print(f"dicomwatch sort: {src}: no such file or folder", file=sys.stderr)
+            return EXIT_USAGE
+        real = src.resolve()
+        for out in (cfg.archive, cfg.quarantine):
+            if real == out or out in real.parents:
+                print(f"dicomwatch sort: {src} is inside {out}", file=sys.stderr)
                 return EXIT_USAGE
-            real = src.resolve()
-            for out in (cfg.archive, cfg.quarantine):
-                if real == out or out in real.parents:
-                    print(f"dicomwatch sort: {src} is inside {out}", file=sys.stderr)
-                    return EXIT_USAGE
-        if not args.dry_run:
-            try:
-                prepare_folders(cfg, include_inbox=False)
-            except ConfigError as exc:
-                print(f"dicomwatch: configuration error: {exc}", file=sys.stderr)
-                return EXIT_CONFIG
-        show = sys.stderr.isatty() if args.progress is None else args.progress
+    if not args.dry_run:
         try:
-            return run_sort(cfg, sources, move=args.move, dry_run=args.dry_run, progress=show)
-        except KeyboardInterrupt:
-            log.warning("interrupted; files not yet filed are still in their source folders")
-            return 130
+            prepare_folders(cfg, include_inbox=False)
+        except ConfigError as exc:
+            return _config_error(exc)
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    try:
+        return run_sort(cfg, sources, move=args.move, dry_run=args.dry_run, progress=show)
+    except KeyboardInterrupt:
+        log.warning("interrupted; files not yet filed are still in their source folders")
+        return 130
 
+
+def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     from dicomwatch.daemon import Daemon
 
     try:
         prepare_folders(cfg)
     except ConfigError as exc:
-        print(f"dicomwatch: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _config_error(exc)
     return Daemon(cfg, config_path=args.config).run(once=args.once)

@@ -331,6 +331,8 @@ class Daemon:
             forced = replace(
                 task, attempts=crashes, quarantine_reason=(Reason.WORKER_CRASH, message)
             )
+            self.retries.failed(task.path, result.reason or Reason.WORKER_CRASH)
+            self.sinks.on_result(task, result)
             self.pending.appendleft(forced)
         else:
             self.retries.failed(task.path, result.reason or Reason.IO_ERROR)
@@ -343,10 +345,15 @@ class Daemon:
     # ----- stopping --------------------------------------------------------------------
 
     def _finish_in_flight(self, pool: WorkerPool) -> None:
-        """Finish in-flight files within the timeout; a second signal stops at once."""
+        """Finish in-flight files within the timeout; a second signal stops at once.
+
+        The timeout is measured in real seconds whatever the injected clock: it has to
+        end before systemd's ``TimeoutStopSec`` does, and a hung worker must not make
+        stopping wait for a clock that nothing advances.
+        """
         self.stopping = True
-        deadline = self.clock() + self.cfg.shutdown_timeout_seconds
-        while pool.busy and self.clock() < deadline:
+        deadline = time.monotonic() + self.cfg.shutdown_timeout_seconds
+        while pool.busy and time.monotonic() < deadline:
             second = self.signals.pending_stop()
             if second is not None:
                 log.warning("second signal: stopping now")

@@ -88,17 +88,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False, default=str)
 
 
+_HANDLER_NAME = "dicomwatch"
+
+
 def setup_logging(fmt: str = "text", level: str = "INFO", stream: TextIO | None = None) -> None:
-    """(Re)configure the root logger; called at start and again on a config reload."""
+    """(Re)configure the root logger; called at start and again on a config reload.
+
+    Only the handler installed here is replaced: a handler someone else put on the root
+    logger (an embedding program, a test's log capture) survives a reload.
+    """
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
+    handler.set_name(_HANDLER_NAME)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter(under_journald(stream)))
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if old.get_name() == _HANDLER_NAME:
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
 

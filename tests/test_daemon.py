@@ -347,3 +347,84 @@ def test_worker_deaths_are_counted_and_the_file_quarantined(
     drop(d.inbox, "next.dcm", dicom_bytes(2))
     assert wait_for(lambda: any(r["source"].endswith("next.dcm") for r in d.files()), 20)
     assert d.stop() == 0
+
+
+# ----- reload, time limit and stuck files, as an admin sees them -------------------------
+
+
+def test_sighup_adding_an_ignore_pattern_stops_filing_those_names(
+    daemons: Callable[..., DaemonProc],
+) -> None:
+    """The log said ``config reloaded (ignore)`` while the running watcher kept its
+    patterns and ``x.hold`` was filed anyway."""
+    d = daemons()
+    d.start()
+    d.write_config(ignore=[".*", "*.part", "*.tmp", "*.partial", "*~", "*.hold"])
+    d.send(signal.SIGHUP)
+    assert wait_for(lambda: d.count_lines("config reloaded") == 1), d.log_path.read_text()
+    held = drop(d.inbox, "x.hold", dicom_bytes(1))
+    drop(d.inbox, "y.dcm", dicom_bytes(2))
+    assert wait_for(lambda: len(archived(d.archive)) == 1), d.log_path.read_text()
+    # Past a rescan (rescan_seconds 3) and then some: the held file stays where it is.
+    assert not wait_for(lambda: not held.exists(), timeout=5.0)
+    assert archived_uids(d.archive) == ["1.2.826.0.1.3680043.8.498.7.2"]
+    assert d.stop() == 0
+
+
+def _workers_of(d: DaemonProc) -> list[int]:
+    """The worker processes: children of the fork server, which is the daemon's child."""
+    import psutil
+
+    assert d.proc is not None
+    daemon = psutil.Process(d.proc.pid)
+    return [w.pid for child in daemon.children() for w in child.children()]
+
+
+def test_a_wedged_worker_is_killed_at_the_time_limit(daemons: Callable[..., DaemonProc]) -> None:
+    """SIGSTOP the only worker (a hung decoder, a read stuck on NFS): before, the files
+    waited for ever with no warning; now the worker is killed at task_timeout_seconds,
+    a warning says so, and the files are filed by its replacement."""
+    d = daemons(workers=1, task_timeout_seconds=2.0)
+    d.start()
+    assert wait_for(lambda: len(_workers_of(d)) == 1)
+    (wedged,) = _workers_of(d)
+    os.kill(wedged, signal.SIGSTOP)
+    for i in range(3):
+        drop(d.inbox, f"f{i}.dcm", dicom_bytes(i))
+    assert wait_for(lambda: len(archived(d.archive)) == 3, timeout=40), d.log_path.read_text()
+    timeouts = [r for r in d.records() if "task_timeout_seconds" in str(r.get("msg", ""))]
+    assert len(timeouts) == 1 and timeouts[0]["level"] == "warning", timeouts
+    failed = [r for r in d.files() if r["outcome"] == "failed"]
+    assert [r["reason"] for r in failed] == ["timeout"]
+    assert wedged not in _workers_of(d)
+    assert d.stop() == 0
+
+
+@pytest.mark.skipif(
+    shutil.which("chattr") is None or os.geteuid() != 0, reason="needs root and chattr"
+)
+def test_files_that_cannot_be_claimed_show_as_stuck(
+    daemons: Callable[..., DaemonProc], tmp_path: Path
+) -> None:
+    """A sender folder the daemon may not rename out of: before, ``failing 0, pending 0``
+    in every summary; now ``stuck 2 (oldest ...)`` and one warning per file."""
+    d = daemons(summary_seconds=0.5, stuck_warning_seconds=1.0)
+    study = d.inbox / "study1"
+    study.mkdir(parents=True)
+    for i in range(2):
+        drop(study, f"{i}.dcm", dicom_bytes(i))
+    chattr = subprocess.run(["chattr", "+i", str(study)], capture_output=True, check=False)
+    if chattr.returncode != 0:
+        pytest.skip(f"chattr +i is not supported here: {chattr.stderr!r}")
+    try:
+        d.start()
+        assert wait_for(
+            lambda: any("stuck 2 (oldest" in str(r.get("msg")) for r in d.records()), 20
+        ), d.log_path.read_text()
+        assert wait_for(lambda: d.count_lines("stuck for") == 2, 20), d.log_path.read_text()
+    finally:
+        subprocess.run(["chattr", "-i", str(study)], check=True)
+    assert wait_for(lambda: len(archived(d.archive)) == 2, 30), d.log_path.read_text()
+    assert d.stop() == 0
+    final = [str(r["msg"]) for r in d.records() if str(r.get("msg", "")).startswith("final:")]
+    assert "stuck 0," in final[-1], final

@@ -911,3 +911,65 @@ def test_sort_move_into_read_only_mount_fails_each_file_once_and_keeps_sources(
     assert {p.name: p.read_bytes() for p in src.iterdir()} == sources
     assert archived(archive) == []
     assert temporaries(archive) == []
+
+
+# ----- sender folders the daemon may not empty -------------------------------------------
+
+
+def _shipped_inbox_acl() -> str:
+    """The default ACL that systemd/dicomwatch.tmpfiles.conf puts on the inbox."""
+    tmpfiles = Path(__file__).resolve().parent.parent / "systemd" / "dicomwatch.tmpfiles.conf"
+    for line in tmpfiles.read_text().splitlines():
+        fields = line.split()
+        if fields[:2] == ["a+", "/srv/dicomwatch/inbox"]:
+            return fields[6]
+    raise AssertionError("no ACL line for the inbox in the tmpfiles file")
+
+
+def _sender_drops(inbox: Path, user: User, files: dict[str, bytes]) -> Path:
+    """Another user, in the daemon's group, with umask 022 makes a study folder and fills it."""
+    study = inbox / "study1"
+    script = "import os, sys, pathlib\nos.umask(0o022)\nd = pathlib.Path(sys.argv[1])\nd.mkdir()\n"
+    for name in files:
+        script += f"(d / {name!r}).write_bytes(bytes.fromhex({files[name].hex()!r}))\n"
+    sender = ["setpriv", "--reuid=64123", "--regid=64123", f"--groups={user.gid}"]
+    code = subprocess.run(
+        [*sender, user.python, "-I", "-c", script, str(study)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",
+    )
+    assert code.returncode == 0, code.stderr
+    return study
+
+
+@pytest.mark.parametrize("with_acl", [False, True], ids=["no_acl", "shipped_acl"])
+def test_sender_folder_made_with_umask_022(
+    udaemons: Callable[..., DaemonProc], unprivileged: User, with_acl: bool
+) -> None:
+    """The README's rule for sender folders, checked as the service sees them: without
+    the inbox's default ACL a sender's umask-022 folder cannot be emptied, and the files
+    show as stuck (they stayed invisible before, ``failing 0, pending 0``); with the ACL
+    the tmpfiles file ships, they are filed."""
+    if shutil.which("setfacl") is None:
+        pytest.skip("setfacl (Debian package acl) is not installed")
+    d = udaemons(summary_seconds=0.5, stuck_warning_seconds=1.0, rescan_seconds=1.0)
+    d.inbox.chmod(0o2770)
+    if with_acl:
+        acl = _shipped_inbox_acl().replace(":dicomwatch:", f":{unprivileged.gid}:")
+        _run("setfacl", "-m", acl, str(d.inbox))
+    files = {f"{i}.dcm": dicom_bytes(i) for i in range(2)}
+    study = _sender_drops(d.inbox, unprivileged, files)
+    d.start()
+    if with_acl:
+        assert wait_for(lambda: len(archived(d.archive)) == 2, 30), d.log_path.read_text()
+        assert not any(study.iterdir())
+    else:
+        assert wait_for(
+            lambda: any("stuck 2 (oldest" in str(r.get("msg")) for r in d.records()), 30
+        ), d.log_path.read_text()
+        assert wait_for(lambda: d.count_lines("group-writable") == 2, 30)
+        assert sorted(p.name for p in study.iterdir()) == sorted(files)
+        assert archived(d.archive) == []
+    assert d.stop() == 0

@@ -254,7 +254,7 @@ def test_files_that_cannot_be_claimed_are_counted_stuck_and_warned_about(
     immutable_folder: Callable[[Path], None],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    h = harness(stuck_warning_seconds=120.0)
+    h = harness(stuck_warning_seconds=120.0, rescan_seconds=5.0)
     study = h.inbox / "study1"
     study.mkdir()
     for i in range(2):
@@ -272,7 +272,7 @@ def test_files_that_cannot_be_claimed_are_counted_stuck_and_warned_about(
     assert len([r for r in caplog.records if "stuck for" in r.getMessage()]) == 2  # once each
     assert not h.recorder.results  # nothing was filed, nothing was lost
     chattr("-i", study)
-    h.step_until(lambda: len(h.results(Outcome.SORTED)) == 2, advance=1.0)
+    h.step_until(lambda: len(h.results(Outcome.SORTED)) == 2)
     assert h.daemon.retries.stuck(h.clock()) == (0, 0.0)
     assert "stuck 0," in h.daemon.status_line()
 

@@ -137,16 +137,7 @@ class Intake:
         if self.watcher is not None and any(
             getattr(new, k) != getattr(old, k) for k in _WATCHER_KEYS
         ):
-            self.watcher.stop()
-            self.watcher = self._new_watcher()
-            try:
-                self.watcher.start()
-            except OSError as exc:
-                log.error("cannot watch %s (%s); relying on rescans", new.inbox, exc)
-                self.watcher = None
-            else:
-                log.info("watching %s with the %s observer", new.inbox, self.watcher.kind)
-            self._rescan_wanted = True  # events between the two watchers were not seen
+            self._restart_watcher()
 
     # ----- each turn -------------------------------------------------------------------
 
@@ -271,6 +262,11 @@ class Intake:
         if self.watcher is None or self.watcher.alive:
             return
         log.warning("the %s observer stopped; starting a new one", self.watcher.kind)
+        self._restart_watcher()
+
+    def _restart_watcher(self) -> None:
+        """A new watcher from the current settings, and a rescan for what it missed."""
+        assert self.watcher is not None
         self.watcher.stop()
         self.watcher = self._new_watcher()
         try:
@@ -278,7 +274,9 @@ class Intake:
         except OSError as exc:
             log.error("cannot watch %s (%s); relying on rescans", self.cfg.inbox, exc)
             self.watcher = None
-        self._rescan_wanted = True
+        else:
+            log.info("%s observer now watching %s", self.watcher.kind, self.cfg.inbox)
+        self._rescan_wanted = True  # events between the two watchers were not seen
 
     def _forget_ignored(self) -> None:
         inbox = str(self.cfg.inbox)

@@ -74,3 +74,9 @@ class EncodeError(RejectedError):
     """The dataset could not be written back out as DICOM."""
 
     reason = "encode_error"
+
+
+class TooManyCollisionsError(RejectedError):
+    """Every numbered name for this destination is taken by a different file."""
+
+    reason = "too_many_collisions"

@@ -292,6 +292,13 @@ def process(task: Task, settings: EngineSettings) -> Result:
                 message=f"cannot quarantine ({exc}): {_oserror_text(qexc)}",
                 retryable=True,
             )
+        except RejectedError as qexc:  # every quarantine name for it is taken
+            return done(
+                Outcome.FAILED,
+                reason=qexc.reason,
+                message=f"cannot quarantine ({exc}): {qexc}",
+                retryable=True,
+            )
         result = done(
             Outcome.QUARANTINED,
             destination=str(placed.path),

@@ -1,0 +1,161 @@
+"""A source is removed only when what was filed is it, whole: issue 15's data-loss cases.
+
+* ``sort --move`` of the archive under another name (a symlink, a bind mount): every
+  file was its own duplicate and was deleted.
+* a file written to after it was read (a sender pausing longer than ``settle_seconds``)
+  was filed partial and its source removed, so the rest of it was lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import build_dataset
+from pydicom.dataset import Dataset
+
+from dicomwatch.archive import Filer, StagingOwner
+from dicomwatch.events import Outcome
+from dicomwatch.sorter import EngineSettings, Task, process
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default quarantine is ./quarantine
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[EngineSettings]:
+    owners = [StagingOwner(tmp_path / "archive", "t"), StagingOwner(tmp_path / "quarantine", "t")]
+    yield EngineSettings(
+        archive=tmp_path / "archive",
+        quarantine=tmp_path / "quarantine",
+        archive_staging=owners[0].path,
+        quarantine_staging=owners[1].path,
+        template_text="{PatientID}/{InstanceNumber}.dcm",
+        fsync=False,
+    )
+    for owner in owners:
+        owner.release()
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".dicomwatch" not in p.parts
+    }
+
+
+@contextlib.contextmanager
+def bind_mount(target: Path, mount_point: Path) -> Iterator[Path]:
+    """``mount --bind target mount_point`` (root only); skip where it cannot be done."""
+    if os.geteuid() != 0:
+        pytest.skip("mount --bind needs root")
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("mount/umount are not available")
+    mount_point.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "--bind", str(target), str(mount_point)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"mount --bind does not work here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+# ----- the archive under another name ----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["symlink", "bind"])
+def test_a_source_that_is_its_own_duplicate_is_never_removed(
+    how: str, tmp_path: Path, settings: EngineSettings
+) -> None:
+    """The sorter's own guard, for callers that did not check the folders first."""
+    src = tmp_path / "f"
+    build_dataset(InstanceNumber=5).save_as(src, enforce_file_format=True)
+    first = process(Task(path=str(src), source=str(src)), settings)
+    assert first.outcome is Outcome.SORTED and first.destination
+    filed = Path(first.destination)
+    data = filed.read_bytes()
+    with contextlib.ExitStack() as stack:
+        if how == "symlink":
+            other = tmp_path / "alias"
+            other.symlink_to(settings.archive)
+        else:
+            other = stack.enter_context(bind_mount(settings.archive, tmp_path / "bound"))
+        same = other / filed.relative_to(settings.archive)
+        result = process(Task(path=str(same), source=str(same), remove_source=True), settings)
+        assert result.outcome is Outcome.FAILED, result
+        assert result.reason == "source_is_filed_copy"
+        assert filed.read_bytes() == data
+        # A copy elsewhere of the same bytes is a duplicate as before, and goes.
+        copy = tmp_path / "copy"
+        copy.write_bytes(data)
+        again = process(Task(path=str(copy), source=str(copy), remove_source=True), settings)
+        assert again.outcome is Outcome.DUPLICATE and not copy.exists()
+        assert filed.read_bytes() == data
+
+
+# ----- a source written to while it is filed ---------------------------------------------
+
+
+def encoded(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("change", ["append", "rewrite_in_place"])
+def test_a_source_written_to_while_it_is_filed_stays_and_files_whole_later(
+    change: str, tmp_path: Path, settings: EngineSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = build_dataset(InstanceNumber=3, rows=16, columns=16)
+    partial = encoded(ds)  # up to and including the pixel data
+    ds.private_block(0x7FE1, "ACME 1.0", create=True).add_new(0x01, "LO", "trailing element")
+    full = encoded(ds)
+    assert full.startswith(partial) and len(full) > len(partial)
+    src = tmp_path / "inbox" / "IM0001"
+    src.parent.mkdir()
+    src.write_bytes(partial)
+
+    real_place = Filer.place
+
+    def place_then_writer_resumes(self: Filer, *args: Any, **kwargs: Any) -> Any:
+        placed = real_place(self, *args, **kwargs)
+        # The sender, paused after the pixel data longer than settle_seconds, goes on.
+        if change == "append":
+            with src.open("ab") as fh:
+                fh.write(full[len(partial) :])
+        else:
+            st = src.stat()
+            with src.open("r+b") as fh:
+                fh.seek(len(partial) - 10)  # inside the pixel data
+                fh.write(b"X")
+            os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        return placed
+
+    monkeypatch.setattr(Filer, "place", place_then_writer_resumes)
+    task = Task(path=str(src), source=str(src), remove_source=True)
+    result = process(task, settings)
+    assert result.outcome is Outcome.FAILED, result
+    assert result.reason == "changed_while_filing" and result.retryable
+    assert src.exists(), "the source must stay: the rest of it would be lost"
+    now = src.read_bytes()
+    assert now == full if change == "append" else len(now) == len(partial)
+
+    monkeypatch.undo()
+    later = process(task, settings)
+    assert later.outcome is Outcome.CONFLICT, later  # same UID, other content: kept beside
+    assert not src.exists()
+    assert sorted(files_under(settings.archive).values()) == sorted([partial, now])

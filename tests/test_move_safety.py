@@ -22,6 +22,7 @@ from conftest import build_dataset
 from pydicom.dataset import Dataset
 
 from dicomwatch.archive import Filer, StagingOwner
+from dicomwatch.cli import main
 from dicomwatch.events import Outcome
 from dicomwatch.sorter import EngineSettings, Task, process
 
@@ -46,12 +47,27 @@ def settings(tmp_path: Path) -> Iterator[EngineSettings]:
         owner.release()
 
 
+def sort(*args: str | Path) -> int:
+    return main(["sort", "--no-progress", *map(str, args)])
+
+
 def files_under(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in root.rglob("*")
         if p.is_file() and ".dicomwatch" not in p.parts
     }
+
+
+def filled_archive(tmp_path: Path, n: int = 4) -> Path:
+    src = tmp_path / "incoming"
+    src.mkdir()
+    for i in range(n):
+        build_dataset(seed=i, InstanceNumber=i).save_as(src / f"f{i}", enforce_file_format=True)
+    assert sort(src, "--archive", tmp_path / "archive") == 0
+    archive = tmp_path / "archive"
+    assert len(files_under(archive)) == n
+    return archive
 
 
 @contextlib.contextmanager
@@ -75,6 +91,54 @@ def bind_mount(target: Path, mount_point: Path) -> Iterator[Path]:
 
 
 # ----- the archive under another name ----------------------------------------------------
+
+
+def test_sort_move_refuses_the_archive_reached_through_a_symlink(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive = filled_archive(tmp_path)
+    before = files_under(archive)
+    alias = tmp_path / "alias"
+    alias.symlink_to(archive)
+    capsys.readouterr()
+    # The archive named through the symlink, the source by its real path, and the
+    # other way round; and a folder inside the archive.
+    assert sort(archive, "--archive", alias, "--move") == 2
+    assert "dicomwatch sort:" in capsys.readouterr().err
+    assert sort(alias, "--archive", archive, "--move") == 2
+    assert sort(archive / "pid001", "--archive", alias, "--move") == 2
+    assert files_under(archive) == before
+
+
+def test_sort_move_refuses_the_archive_reached_through_a_bind_mount(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive = filled_archive(tmp_path)
+    before = files_under(archive)
+    with bind_mount(archive, tmp_path / "bound") as bound:
+        capsys.readouterr()
+        assert sort(bound, "--archive", archive, "--move") == 2
+        assert "is" in capsys.readouterr().err
+        assert sort(bound / "pid001", "--archive", archive, "--move") == 2
+        # a folder above the archive, mounted elsewhere, contains it
+        with bind_mount(tmp_path, tmp_path / "incoming" / "above") as above:
+            assert sort(above, "--archive", archive, "--move") == 2
+    assert files_under(archive) == before
+
+
+def test_a_bind_mount_of_the_archive_inside_the_source_is_not_walked(tmp_path: Path) -> None:
+    archive = filled_archive(tmp_path)
+    before = files_under(archive)
+    src = tmp_path / "src"
+    src.mkdir()
+    build_dataset(seed=99, InstanceNumber=99).save_as(src / "new", enforce_file_format=True)
+    with bind_mount(archive, src / "mounted-archive"):
+        assert sort(src, "--archive", archive, "--move") == 0
+        assert not (src / "new").exists()
+        after = files_under(archive)
+        assert len(after) == len(before) + 1
+        assert all(after[name] == data for name, data in before.items())
+        assert len(files_under(src / "mounted-archive")) == len(before) + 1
 
 
 @pytest.mark.parametrize("how", ["symlink", "bind"])

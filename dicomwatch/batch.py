@@ -2,6 +2,14 @@
 
 The walk is a generator and at most ``workers`` tasks are in flight, so memory does not
 grow with the number of files; the engine is the same one the daemon uses.
+
+With ``--move`` a source is removed once filed, so a file still being written must not be
+filed: the daemon's settle rule applies.  A file modified within the last
+``settle_seconds`` is set aside and filed only once its ``(size, mtime_ns)`` has held
+still for ``settle_seconds`` (:class:`dicomwatch.settle.SettleTracker`).  After the walk,
+sort waits for the files set aside, at most ``settle_seconds + SETTLE_PATIENCE_SECONDS``;
+those still changing then are reported as failed (``still_changing``) and left alone.
+At most ``MAX_DEFERRED`` files are set aside at once; the walk waits when that many are.
 """
 
 from __future__ import annotations
@@ -22,9 +30,16 @@ from dicomwatch.engine import Engine, log_codecs, owner_name
 from dicomwatch.events import Outcome, Result
 from dicomwatch.logconfig import log_result
 from dicomwatch.pool import WorkerPool
+from dicomwatch.settle import SettleTracker
 from dicomwatch.sorter import Task
 
 log = logging.getLogger(__name__)
+
+SETTLE_PATIENCE_SECONDS = 60.0
+"""How long, beyond ``settle_seconds``, ``sort --move`` waits after its walk for files
+that were still changing."""
+MAX_DEFERRED = 10_000
+"""Files ``sort --move`` sets aside at once while they are still changing."""
 
 
 @dataclass
@@ -204,35 +219,53 @@ def run_sort(
         " (dry run)" if dry_run else "",
     )
     log_codecs(cfg.decompress)
+    remove = move and not dry_run
+    settling = _Settling(cfg.settle_seconds) if remove else None
+
+    def submit(path: Path) -> None:
+        task = Task(
+            path=str(path),
+            source=str(path),
+            remove_source=remove,
+            rel_source=path.name,
+            dry_run=dry_run,
+        )
+        pool.submit(task, settings)
+
+    def report(result: Result) -> None:
+        tally.add(result)
+        if dry_run:
+            _print_plan(result, planned)
+        else:
+            log_result(result)
+        if bar is not None:
+            bar.update(1)
+
     try:
         pool.start()
         files = walk_files(sources, [cfg.archive, cfg.quarantine])
         exhausted = False
         while True:
-            while not exhausted and pool.idle:
+            if settling is not None:
+                for settled in settling.ready(pool.idle):
+                    submit(settled)
+            while not exhausted and pool.idle and (settling is None or settling.has_room):
                 path = next(files, None)
                 if path is None:
                     exhausted = True
+                    if settling is not None:
+                        settling.walk_done()
                     break
-                task = Task(
-                    path=str(path),
-                    source=str(path),
-                    remove_source=move and not dry_run,
-                    rel_source=path.name,
-                    dry_run=dry_run,
-                )
-                pool.submit(task, settings)
-            if exhausted and not pool.busy:
+                if settling is None or settling.take(path):
+                    submit(path)
+            if settling is not None and exhausted:
+                for result in settling.give_up():
+                    report(result)
+            if exhausted and not pool.busy and (settling is None or not settling.pending):
                 break
-            for done in pool.poll(timeout=1.0):
-                result = done.result
-                tally.add(result)
-                if dry_run:
-                    _print_plan(result, planned)
-                else:
-                    log_result(result)
-                if bar is not None:
-                    bar.update(1)
+            timeout = 1.0 if settling is None else settling.wait(1.0)
+            for done in pool.poll(timeout=timeout):
+                report(done.result)
     finally:
         if bar is not None:
             bar.close()
@@ -246,6 +279,83 @@ def run_sort(
     log.info("%s", tally.summary())
     bad = tally.counts[Outcome.QUARANTINED] + tally.counts[Outcome.FAILED]
     return 0 if bad == 0 else 1
+
+
+class _Settling:
+    """``sort --move``'s settle rule: which files may be filed now, which must wait."""
+
+    def __init__(self, settle_seconds: float) -> None:
+        self.settle_ns = int(settle_seconds * 1e9)
+        self.tracker = SettleTracker(settle_seconds) if settle_seconds > 0 else None
+        self.deadline: float | None = None
+        self.patience = settle_seconds + SETTLE_PATIENCE_SECONDS
+
+    def take(self, path: Path) -> bool:
+        """True if ``path`` may be filed now: not modified within ``settle_seconds``.
+        Otherwise it is set aside (a vanished file is simply forgotten)."""
+        if self.tracker is None:
+            return True
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        age = time.time_ns() - st.st_mtime_ns
+        if 0 <= self.settle_ns <= age:
+            return True
+        self.tracker.touch(str(path), changed=False)
+        return False
+
+    @property
+    def has_room(self) -> bool:
+        return self.tracker is None or len(self.tracker) < MAX_DEFERRED
+
+    @property
+    def pending(self) -> int:
+        return 0 if self.tracker is None else len(self.tracker)
+
+    def ready(self, limit: int) -> list[Path]:
+        """Files set aside whose signature has now held still for ``settle_seconds``."""
+        if self.tracker is None or limit <= 0:
+            return []
+        out = [Path(p) for p in self.tracker.ready(limit)]
+        for path, kind in self.tracker.drain_special():
+            log.warning("skipped %s: not a regular file (%s)", path, kind)
+        return out
+
+    def walk_done(self) -> None:
+        self.deadline = time.monotonic() + self.patience
+
+    def give_up(self) -> list[Result]:
+        """Once the wait after the walk is over: every file still changing, as failed."""
+        if self.tracker is None or self.deadline is None or time.monotonic() < self.deadline:
+            return []
+        results = []
+        for path in list(self.tracker):
+            self.tracker.forget(path)
+            results.append(
+                Result(
+                    outcome=Outcome.FAILED,
+                    source=path,
+                    reason="still_changing",
+                    message=f"still being written {self.patience:.0f} s after the walk; "
+                    "not filed, left in place",
+                    retryable=True,
+                )
+            )
+        return results
+
+    def wait(self, longest: float) -> float:
+        """How long the caller may block: until the next file is due, at most ``longest``."""
+        if self.tracker is None or not len(self.tracker):
+            return longest
+        due = self.tracker.next_due()
+        now = time.monotonic()
+        bounds = [longest]
+        if due is not None:
+            bounds.append(due - now)
+        if self.deadline is not None:
+            bounds.append(self.deadline - now)
+        return max(0.0, min(bounds))
 
 
 def _print_plan(result: Result, planned: dict[str, list[str]]) -> None:

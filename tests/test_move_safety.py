@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import build_dataset
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicomwatch import batch
 from dicomwatch.archive import Filer, StagingOwner
 from dicomwatch.cli import main
 from dicomwatch.events import Outcome
@@ -223,3 +228,90 @@ def test_a_source_written_to_while_it_is_filed_stays_and_files_whole_later(
     assert later.outcome is Outcome.CONFLICT, later  # same UID, other content: kept beside
     assert not src.exists()
     assert sorted(files_under(settings.archive).values()) == sorted([partial, now])
+
+
+# ----- sort --move on a tree still being written -----------------------------------------
+
+WRITER = """
+import sys, time
+data = open(sys.argv[1], "rb").read()
+pause, forever = float(sys.argv[3]), sys.argv[4] == "1"
+step = max(1, len(data) // 40)
+with open(sys.argv[2], "wb") as out:
+    pos = len(data) // 4
+    out.write(data[:pos])
+    out.flush()
+    print("started", flush=True)
+    stop = time.monotonic() + 60  # never outlives a test run
+    while (pos < len(data) or forever) and time.monotonic() < stop:
+        time.sleep(pause)  # the sender's own pace, shorter than settle_seconds
+        out.write(data[pos : pos + step] if pos < len(data) else b"\\0")
+        pos += step
+        out.flush()
+print("done", flush=True)
+"""
+
+
+def start_writer(full: Path, dst: Path, *, forever: bool) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(full), str(dst), "0.05", "1" if forever else "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+    return proc
+
+
+def test_sort_move_files_only_settled_files_and_leaves_one_still_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(batch, "SETTLE_PATIENCE_SECONDS", 5.0)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("settle_seconds: 1.0\nlog_format: json\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for i in range(3):  # written long ago: filed at once
+        old = src / f"old{i}"
+        build_dataset(seed=i, InstanceNumber=i).save_as(old, enforce_file_format=True)
+        os.utime(old, ns=(hour_ago, hour_ago))
+    ds = build_dataset(seed=10, InstanceNumber=10, rows=64, columns=64)
+    ds.private_block(0x7FE1, "ACME 1.0", create=True).add_new(0x01, "LO", "trailing element")
+    full = tmp_path / "full.dcm"
+    ds.save_as(full, enforce_file_format=True)
+    forever_ds = build_dataset(seed=11, InstanceNumber=11, rows=64, columns=64)
+    forever_full = tmp_path / "forever.dcm"
+    forever_ds.save_as(forever_full, enforce_file_format=True)
+
+    slow = start_writer(full, src / "slow", forever=False)
+    endless = start_writer(forever_full, src / "endless", forever=True)
+    try:
+        code = sort(src, "--archive", tmp_path / "archive", "--move", "--config", cfg)
+        slow.communicate(timeout=60)
+        assert slow.returncode == 0
+    finally:
+        for proc in (endless, slow):
+            proc.kill()
+            proc.communicate()
+    assert code == 1
+    records = [
+        json.loads(line)
+        for line in capsys.readouterr().err.splitlines()
+        if '"event": "file"' in line
+    ]
+    outcomes = {Path(r["source"]).name: (r["outcome"], r.get("reason")) for r in records}
+    assert outcomes == {
+        "old0": ("sorted", None),
+        "old1": ("sorted", None),
+        "old2": ("sorted", None),
+        "slow": ("sorted", None),
+        "endless": ("failed", "still_changing"),
+    }
+    assert sorted(p.name for p in src.iterdir()) == ["endless"]
+    slow_filed = next(
+        p for p in (tmp_path / "archive").rglob("*.dcm") if dcmread(p).InstanceNumber == 10
+    )
+    back = dcmread(slow_filed)
+    assert back.PixelData == ds.PixelData
+    assert back[0x7FE11001].value == "trailing element"
+    assert not list((tmp_path / "quarantine").rglob("*.reason.json"))

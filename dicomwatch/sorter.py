@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from dicomwatch import decode, dicomio
-from dicomwatch.archive import Filer, Placement
+from dicomwatch.archive import Data, Filer, Placement
 from dicomwatch.errors import RejectedError, RetryableError
 from dicomwatch.events import Outcome, Result
 from dicomwatch.layout import (
@@ -115,7 +115,7 @@ def _existing_uid(path: Path) -> str | None:
         return None
 
 
-def _prepare(data: bytes, settings: EngineSettings) -> tuple[bytes, FilingPlan, str, str]:
+def _prepare(data: bytes, settings: EngineSettings) -> tuple[Data, FilingPlan, str, str]:
     """Read once, check, decide the path, decode if configured: (out bytes, plan, ts in, ts out)."""
     ds = dicomio.parse(data, max_inflated_bytes=settings.max_decoded_bytes)
     dicomio.check_complete(ds)
@@ -127,8 +127,7 @@ def _prepare(data: bytes, settings: EngineSettings) -> tuple[bytes, FilingPlan, 
         return data, filing, ts_in, ts_in
     if decode.is_compressed(ds):
         decode.check_size(ds, settings.max_decoded_bytes)
-        ds = decode.decompress(ds)
-        return dicomio.encode(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN
+        return decode.decompress_encoded(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN
     if dicomio.is_plain_explicit_le(ds):
         return data, filing, ts_in, ts_in
     return dicomio.encode(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN

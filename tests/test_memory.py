@@ -1,4 +1,4 @@
-"""Peak memory of one worker filing a large multi-frame.
+"""Peak memory of one worker filing a large multi-frame, and the default worker cap.
 
 A 210 MB RLE multi-frame used to peak at over four times its decoded size in one worker
 (the decoded frames, their join, the writer's buffer and its copy); with the default
@@ -15,11 +15,19 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from dicomwatch import decode, dicomio
+from dicomwatch.pool import (
+    WORKER_MEMORY_CEILING_MB,
+    WORKER_MEMORY_FLOOR_MB,
+    WorkerPool,
+    default_worker_memory_mb,
+)
+from dicomwatch.sorter import EngineSettings, Task
 
 FRAMES, ROWS, COLUMNS = 140, 512, 512  # 73 MB decoded, 16-bit
 
@@ -100,3 +108,42 @@ def test_one_worker_holds_a_large_multiframe_about_once(tmp_path: Path) -> None:
     reference = decode.decompress(dicomio.parse(src.read_bytes()))
     assert archived.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert np.array_equal(archived.pixel_array, reference.pixel_array)
+
+
+def test_workers_get_an_address_space_ceiling_by_default(tmp_path: Path) -> None:
+    expected = default_worker_memory_mb(2)
+    assert WORKER_MEMORY_FLOOR_MB <= expected <= WORKER_MEMORY_CEILING_MB
+    src = tmp_path / "f.dcm"
+    pool = WorkerPool(2)  # worker_memory_mb: 0, the default
+    assert pool.memory_mb == expected
+    pool.start()
+    try:
+        settings = EngineSettings(
+            archive=tmp_path / "a",
+            quarantine=tmp_path / "q",
+            archive_staging=tmp_path / "a" / "s",
+            quarantine_staging=tmp_path / "q" / "s",
+            template_text="{PatientID}/x.dcm",
+            fsync=False,
+        )
+        src.write_bytes(b"not dicom")
+        # A task per worker, so both have set their limit before they answer.
+        for _ in range(2):
+            pool.submit(Task(str(src), src.name, dry_run=True), settings)
+        done = []
+        while len(done) < 2:
+            done += pool.poll(timeout=10)
+        for pid in pool.pids():
+            limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+            line = next(row for row in limits if row.startswith("Max address space"))
+            soft = line.split()[3]
+            assert soft == str(expected * 1024 * 1024), line
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 7, 10_000])
+def test_the_default_ceiling_shares_out_the_machine(workers: int) -> None:
+    mb = default_worker_memory_mb(workers)
+    assert WORKER_MEMORY_FLOOR_MB <= mb <= WORKER_MEMORY_CEILING_MB
+    assert default_worker_memory_mb(workers + 1) <= mb

@@ -20,7 +20,11 @@ written in the destination folder itself instead.
 
 When the final name is taken, the existing file is compared byte for byte: identical
 means the instance was filed before (a duplicate, nothing written); different means a
-numbered name (``name~1.dcm``), never an overwrite.
+numbered name (``name~1.dcm``), never an overwrite.  After the first collision on a name
+the ``Filer`` remembers the numbered files it has seen there (size, content digest,
+SOPInstanceUID) and the next free number, so the thousandth instance wanting one name
+costs one link, not a thousand comparisons; past ``MAX_COLLISIONS`` numbered names the
+file is refused (``TooManyCollisionsError``) rather than retried for ever.
 """
 
 from __future__ import annotations
@@ -29,16 +33,20 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import secrets
 import shutil
+import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from dicomwatch.config import INTERNAL_DIR
+from dicomwatch.errors import TooManyCollisionsError
 from dicomwatch.layout import ensure_inside, numbered
 
 log = logging.getLogger(__name__)
@@ -46,7 +54,18 @@ log = logging.getLogger(__name__)
 STAGING_DIR = "staging"
 TMP_SUFFIX = ".dwtmp"
 MAX_COLLISIONS = 10_000
+"""Names a destination may have (itself and ``~1`` up to ``~9999``); one more different
+file wanting it is quarantined as ``too_many_collisions``."""
 _CHUNK = 1 << 20
+_INDEX_NAMES = 256
+"""Destination names whose collision sets a Filer remembers (least recently used go)."""
+_INDEX_MEMBERS = 50_000
+"""Numbered files remembered over all those names (a few hundred bytes each)."""
+
+Data = bytes | bytearray | memoryview
+"""What can be placed: the encoder hands over a view into its output buffer."""
+FileId = tuple[int, int]
+"""``(st_dev, st_ino)``: which file, whatever path names it."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,10 @@ class Placement:
     """A file with the same SOPInstanceUID but other content was found on the way."""
     renamed: bool
     """The first-choice name was taken by a different file."""
+    file_id: FileId | None = field(default=None, compare=False)
+    """For a duplicate, which file held the identical bytes: a caller about to remove
+    its source must not when this is the source itself (the archive under another
+    name, through a symlink or a bind mount)."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -71,23 +94,108 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _same_content(path: Path, data: bytes) -> bool:
-    """Byte-for-byte comparison that reads the existing file in chunks."""
+def _identical(path: Path, data: Data) -> FileId | None:
+    """The file at ``path`` if it holds exactly ``data`` (read in chunks), else None."""
     try:
         with path.open("rb") as fh:
-            if os.fstat(fh.fileno()).st_size != len(data):
-                return False
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size != len(data):
+                return None
             view = memoryview(data)
             offset = 0
             while True:
                 chunk = fh.read(_CHUNK)
                 if not chunk:
-                    return offset == len(data)
+                    return (st.st_dev, st.st_ino) if offset == len(data) else None
                 if view[offset : offset + len(chunk)] != chunk:
-                    return False
+                    return None
                 offset += len(chunk)
-    except IsADirectoryError:
-        return False
+    except (IsADirectoryError, FileNotFoundError):
+        return None
+
+
+def _size_of(path: Path) -> int | None:
+    """Size of what ``path`` names (-1: not a regular file), None if nothing does."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1
+
+
+def _digest(data: Data) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _file_digest(path: Path) -> bytes | None:
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+    except (IsADirectoryError, FileNotFoundError):
+        return None
+    return h.digest()
+
+
+class _CrossDevice(OSError):
+    """The staging folder is on another filesystem than the destination folder."""
+
+
+class _Collisions:
+    """The numbered files of one destination name, as far as this Filer has seen them.
+
+    Every number below ``next_free`` was taken when last looked at.  Other processes may
+    add names at any time: a link that fails moves on to the next number, and the file
+    found there is looked at like any other.  Each file is read at most once for its
+    digest (only when a file of its size is placed) and once for its SOPInstanceUID, so
+    a placement costs O(1) amortised, however many files share the name.
+    """
+
+    __slots__ = ("by_digest", "next_free", "sizes", "uid_counts", "uids", "undigested", "unread")
+
+    def __init__(self) -> None:
+        self.next_free = 0
+        self.sizes: dict[int, int] = {}
+        """number -> size (-1: not a regular file)"""
+        self.undigested: dict[int, set[int]] = {}
+        """size -> numbers whose digest is not known yet"""
+        self.by_digest: dict[bytes, set[int]] = {}
+        self.uids: dict[int, str | None] = {}
+        """number -> SOPInstanceUID as read (None: unreadable)"""
+        self.uid_counts: dict[str, int] = {}
+        self.unread: set[int] = set()
+        """numbers whose SOPInstanceUID has not been read"""
+
+    def add(self, n: int, size: int, digest: bytes | None, uid: str | bool | None) -> None:
+        """Record file ``n``; ``uid`` False means not read yet."""
+        self.sizes[n] = size
+        if digest is None:
+            self.undigested.setdefault(size, set()).add(n)
+        else:
+            self.by_digest.setdefault(digest, set()).add(n)
+        if uid is False:
+            self.unread.add(n)
+        else:
+            self.set_uid(n, uid if isinstance(uid, str) else None)
+
+    def set_uid(self, n: int, uid: str | None) -> None:
+        self.unread.discard(n)
+        self.uids[n] = uid
+        if uid is not None:
+            self.uid_counts[uid] = self.uid_counts.get(uid, 0) + 1
+
+    def forget(self, n: int) -> None:
+        size = self.sizes.pop(n, None)
+        if size is None:
+            return
+        self.undigested.get(size, set()).discard(n)
+        for numbers in self.by_digest.values():
+            numbers.discard(n)
+        self.unread.discard(n)
+        uid = self.uids.pop(n, None)
+        if uid is not None:
+            self.uid_counts[uid] -= 1
 
 
 def _still_linked(fd: int, path: Path) -> bool:
@@ -235,6 +343,8 @@ class Filer:
         self.staging = staging
         self.fsync = fsync
         self._known_dirs: set[Path] = set()
+        self._collisions: OrderedDict[Path, _Collisions] = OrderedDict()
+        self._members = 0
         try:
             self._root_dev: int | None = os.stat(root).st_dev
         except OSError:
@@ -285,7 +395,7 @@ class Filer:
         except OSError:
             return False
 
-    def _write_temp(self, folder: Path, data: bytes) -> Path:
+    def _write_temp(self, folder: Path, data: Data) -> Path:
         tmp, fd = self._open_temp(folder)
         try:
             view = memoryview(data)
@@ -304,7 +414,7 @@ class Filer:
     def place(
         self,
         rel: PurePosixPath,
-        data: bytes,
+        data: Data,
         *,
         uid: str | None = None,
         uid_of: Callable[[Path], str | None] | None = None,
@@ -327,41 +437,149 @@ class Filer:
         self,
         tmp: Path,
         dest: Path,
-        data: bytes,
+        data: Data,
         uid: str | None,
         uid_of: Callable[[Path], str | None] | None,
     ) -> Placement:
-        same_uid_differs = False
-        folder = dest.parent
-        for n in range(MAX_COLLISIONS):
-            candidate = folder / numbered(dest.name, n)
+        try:
+            return self._link_numbered(tmp, dest, data, uid, uid_of)
+        except _CrossDevice:
+            # Staging is on another filesystem than this folder: stage beside it.
+            local = self._write_temp(dest.parent, data)
+            try:
+                return self._link_numbered(local, dest, data, uid, uid_of)
+            finally:
+                local.unlink(missing_ok=True)
+
+    def _try_link(self, tmp: Path, candidate: Path) -> bool:
+        """Link ``tmp`` to ``candidate``: True if done, False if the name is taken."""
+        try:
+            os.link(tmp, candidate)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            # The folder vanished under us (someone tidied the archive): remake it once.
+            folder = candidate.parent
+            self._known_dirs.discard(folder)
+            self._ensure_dir(folder)
             try:
                 os.link(tmp, candidate)
             except FileExistsError:
-                if _same_content(candidate, data):
-                    # It may have been linked by a run that crashed before its fsync.
-                    self._sync_dir(folder)
-                    return Placement(candidate, True, same_uid_differs, n > 0)
-                if uid is not None and uid_of is not None and uid_of(candidate) == uid:
-                    same_uid_differs = True
-                continue
-            except FileNotFoundError:
-                # The folder vanished under us (someone tidied the archive): remake it once.
-                self._known_dirs.discard(folder)
-                self._ensure_dir(folder)
-                os.link(tmp, candidate)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                # Staging is on another filesystem than this folder: stage beside it.
-                local = self._write_temp(folder, data)
-                try:
-                    return self._link_into_place(local, dest, data, uid, uid_of)
-                finally:
-                    local.unlink(missing_ok=True)
-            self._sync_dir(folder)
-            return Placement(candidate, False, same_uid_differs, n > 0)
-        raise OSError(errno.EEXIST, f"more than {MAX_COLLISIONS} different files want {dest}")
+                return False
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise _CrossDevice(exc.errno, exc.strerror, str(candidate)) from exc
+            raise
+        return True
+
+    def _link_numbered(
+        self,
+        tmp: Path,
+        dest: Path,
+        data: Data,
+        uid: str | None,
+        uid_of: Callable[[Path], str | None] | None,
+    ) -> Placement:
+        folder = dest.parent
+        want_uid = uid is not None and uid_of is not None
+        index = self._collisions.get(dest)
+        if index is None:
+            # The common cases cost one link: a free name, or this very file again.
+            if self._try_link(tmp, dest):
+                self._sync_dir(folder)
+                return Placement(dest, False, False, False)
+            found = _identical(dest, data)
+            if found is not None:
+                # It may have been linked by a run that crashed before its fsync.
+                self._sync_dir(folder)
+                return Placement(dest, True, False, False, found)
+            index = self._index(dest)
+        else:
+            self._collisions.move_to_end(dest)
+
+        digest = _digest(data)
+        size = len(data)
+        for n in sorted(index.undigested.pop(size, ())):
+            found_digest = _file_digest(folder / numbered(dest.name, n))
+            if found_digest is None:
+                self._forget(index, n)
+            else:
+                index.by_digest.setdefault(found_digest, set()).add(n)
+        for n in sorted(index.by_digest.get(digest, ())):
+            candidate = folder / numbered(dest.name, n)
+            found = _identical(candidate, data)
+            if found is not None:
+                self._sync_dir(folder)
+                return Placement(candidate, True, False, n > 0, found)
+            self._forget(index, n)  # changed or removed behind our back
+        if want_uid:
+            assert uid_of is not None
+            for n in sorted(index.unread):
+                index.set_uid(n, uid_of(folder / numbered(dest.name, n)))
+        same_uid_differs = want_uid and index.uid_counts.get(str(uid), 0) > 0
+
+        n = index.next_free
+        while n < MAX_COLLISIONS:
+            candidate = folder / numbered(dest.name, n)
+            if self._try_link(tmp, candidate):
+                index.next_free = n + 1
+                self._remember(index, n, size, digest, uid if want_uid else False)
+                self._sync_dir(folder)
+                return Placement(candidate, False, same_uid_differs, n > 0)
+            # Taken since we looked (another writer): it may even be this very file.
+            index.next_free = n + 1
+            found = _identical(candidate, data)
+            if found is not None:
+                self._remember(index, n, size, digest, uid if want_uid else False)
+                self._sync_dir(folder)
+                return Placement(candidate, True, False, n > 0, found)
+            other = _size_of(candidate)
+            if other is not None:
+                other_uid = uid_of(candidate) if want_uid and uid_of is not None else False
+                same_uid_differs = same_uid_differs or (want_uid and other_uid == uid)
+                self._remember(index, n, other, None, other_uid)
+            n += 1
+        raise TooManyCollisionsError(
+            f"{MAX_COLLISIONS} different files already have the name {dest.name} or one of "
+            f"its numbered forms in {folder}"
+        )
+
+    def _index(self, dest: Path) -> _Collisions:
+        """Look once at every numbered file of ``dest`` up to the first free number.
+
+        Linear in the names already taken, but done once per name and process: later
+        placements on the name reuse what was found and add what they link.
+        """
+        index = _Collisions()
+        self._collisions[dest] = index
+        n = 0
+        while n < MAX_COLLISIONS:
+            size = _size_of(dest.parent / numbered(dest.name, n))
+            if size is None:
+                break
+            self._remember(index, n, size, None, False)
+            n += 1
+        index.next_free = n
+        return index
+
+    def _remember(
+        self, index: _Collisions, n: int, size: int, digest: bytes | None, uid: str | bool | None
+    ) -> None:
+        if n not in index.sizes:
+            self._members += 1
+        else:
+            index.forget(n)
+        index.add(n, size, digest, uid)
+        while len(self._collisions) > _INDEX_NAMES or (
+            self._members > _INDEX_MEMBERS and len(self._collisions) > 1
+        ):
+            _, oldest = self._collisions.popitem(last=False)
+            self._members -= len(oldest.sizes)
+
+    def _forget(self, index: _Collisions, n: int) -> None:
+        if n in index.sizes:
+            index.forget(n)
+            self._members -= 1
 
     def write_once(self, rel: PurePosixPath, data: bytes) -> Path:
         """Write a small companion file (a reason sidecar) unless one exists already."""

@@ -2,53 +2,45 @@
 
 The walk is a generator and at most ``workers`` tasks are in flight, so memory does not
 grow with the number of files; the engine is the same one the daemon uses.
+
+With ``--move`` a source is removed once filed, so a file still being written must not be
+filed: the daemon's settle rule applies.  A file modified within the last
+``settle_seconds`` is set aside and filed only once its ``(size, mtime_ns)`` has held
+still for ``settle_seconds`` (:class:`dicomwatch.settle.SettleTracker`).  After the walk,
+sort waits for the files set aside, at most ``settle_seconds + SETTLE_PATIENCE_SECONDS``;
+those still changing then are reported as failed (``still_changing``) and left alone.
+At most ``MAX_DEFERRED`` files are set aside at once; the walk waits when that many are.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import stat
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from dicomwatch.config import INTERNAL_DIR, Config
+from dicomwatch.config import Config
 from dicomwatch.decode import log_codecs
 from dicomwatch.pool import WorkerPool
+from dicomwatch.reasons import Reason
 from dicomwatch.result import Outcome, Result
-from dicomwatch.sinks import Counters, LogSink, Sinks
-from dicomwatch.sorter import Task
+from dicomwatch.settle import SettleTracker
+from dicomwatch.sinks import Counters, LogSink, ResultSink, Sinks
+from dicomwatch.sorter import EngineSettings, Task
+from dicomwatch.sources import overlapping_source, walk_files
 from dicomwatch.staging import Staging, owner_name
 
 log = logging.getLogger(__name__)
 
-
-def walk_files(sources: Sequence[Path], skip: Sequence[Path]) -> Iterator[Path]:
-    """Every regular file below ``sources``, lazily; never follows links or enters ``skip``."""
-    skip_real = {os.path.realpath(p) for p in skip}
-    for source in sources:
-        st = os.lstat(source)
-        if stat.S_ISREG(st.st_mode):
-            yield source
-            continue
-        for dirpath, dirnames, filenames in os.walk(source):
-            dirnames[:] = sorted(
-                d
-                for d in dirnames
-                if d != INTERNAL_DIR and os.path.realpath(os.path.join(dirpath, d)) not in skip_real
-            )
-            for name in sorted(filenames):
-                path = Path(dirpath, name)
-                try:
-                    mode = os.lstat(path).st_mode
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISREG(mode):
-                    yield path
-                else:
-                    log.warning("skipped %s: not a regular file", path)
+SETTLE_PATIENCE_SECONDS = 60.0
+"""How long, beyond ``settle_seconds``, ``sort --move`` waits after its walk for files
+that were still changing."""
+MAX_DEFERRED = 10_000
+"""Files ``sort --move`` sets aside at once while they are still changing."""
+POLL_SECONDS = 1.0
 
 
 class _Bar(Protocol):
@@ -98,7 +90,7 @@ class _ProgressSink:
         self.bar.update(1)
 
     def flush(self) -> None:
-        pass
+        self.bar.close()
 
 
 def run_sort(
@@ -109,58 +101,204 @@ def run_sort(
     dry_run: bool = False,
     progress: bool = False,
 ) -> int:
-    """Sort ``sources`` into ``cfg.archive``; exit status 0 if all filed, else 1."""
-    workers = cfg.effective_workers
+    """Sort ``sources`` into ``cfg.archive``; exit status 0 if all filed, else 1.
+
+    2 (a usage error, nothing done) if a source is, contains or lies inside the archive
+    or the quarantine (see :func:`dicomwatch.sources.overlapping_source`).
+    """
+    overlap = overlapping_source(sources, [cfg.archive, cfg.quarantine])
+    if overlap is not None:
+        print(f"dicomwatch sort: {overlap}", file=sys.stderr)
+        return 2
     counters = Counters()
-    staging = Staging(cfg, owner_name(cfg, "sort"))
-    settings = (
-        staging.open() if not dry_run else staging.settings_for(cfg, [cfg.archive, cfg.quarantine])
-    )
-    pool = WorkerPool(workers, memory_mb=cfg.worker_memory_mb)
     bar = _progress(progress)
-    sinks = Sinks(
-        [
-            PlanSink() if dry_run else LogSink(),
-            counters,
-            *([_ProgressSink(bar)] if bar is not None else []),
-        ]
-    )
-    log.info(
-        "sorting %s into %s with %d workers%s",
-        ", ".join(map(str, sources)),
-        cfg.archive,
-        workers,
-        " (dry run)" if dry_run else "",
-    )
-    log_codecs(cfg.decompress)
-    try:
-        pool.start()
-        files = walk_files(sources, [cfg.archive, cfg.quarantine])
-        exhausted = False
-        while True:
-            while not exhausted and pool.idle:
-                path = next(files, None)
-                if path is None:
-                    exhausted = True
-                    break
-                task = Task(
-                    path=str(path),
-                    source=str(path),
-                    remove_source=move and not dry_run,
-                    rel_source=path.name,
-                    dry_run=dry_run,
-                )
-                pool.submit(task, settings)
-            if exhausted and not pool.busy:
-                break
-            for done in pool.poll(timeout=1.0):
-                sinks.on_result(done.task, done.result)
-    finally:
-        if bar is not None:
-            bar.close()
-        pool.shutdown()
-        if not dry_run:
-            staging.close()
-    sinks.flush()
+    sinks: list[ResultSink] = [PlanSink() if dry_run else LogSink(), counters]
+    if bar is not None:
+        sinks.append(_ProgressSink(bar))
+    SortRun(cfg, sources, move=move, dry_run=dry_run, sinks=Sinks(sinks)).run()
     log.info("%s", counters.sort_summary())
     return 0 if counters.bad == 0 else 1
+
+
+class SortRun:
+    """One ``sort``: walk, feed idle workers, collect results into the sinks."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        sources: Sequence[Path],
+        *,
+        move: bool,
+        dry_run: bool,
+        sinks: Sinks,
+    ) -> None:
+        self.cfg = cfg
+        self.sources = sources
+        self.dry_run = dry_run
+        self.remove = move and not dry_run
+        self.sinks = sinks
+        self.staging = Staging(cfg, owner_name(cfg, "sort"))
+        self.pool = WorkerPool(cfg.effective_workers, memory_mb=cfg.worker_memory_mb)
+        self.settling = _Settling(cfg.settle_seconds) if self.remove else None
+        self.files: Iterator[Path] = iter(())
+        self.exhausted = False
+        self._settings: EngineSettings | None = None
+
+    def run(self) -> None:
+        self.start()
+        try:
+            while not self.done():
+                self.step()
+        finally:
+            self.stop()
+
+    def start(self) -> None:
+        cfg = self.cfg
+        roots = [cfg.archive, cfg.quarantine]
+        self._settings = (
+            self.staging.settings_for(cfg, roots) if self.dry_run else self.staging.open()
+        )
+        log.info(
+            "sorting %s into %s with %d workers%s",
+            ", ".join(map(str, self.sources)),
+            cfg.archive,
+            self.pool.size,
+            " (dry run)" if self.dry_run else "",
+        )
+        log_codecs(cfg.decompress)
+        self.pool.start()
+        self.files = walk_files(self.sources, roots)
+
+    def step(self) -> None:
+        """One turn: settled files first, then the walk, then wait for results."""
+        self.submit_settled()
+        self.feed_from_walk()
+        self.give_up_on_changing()
+        self.collect()
+
+    def done(self) -> bool:
+        waiting = self.settling is not None and self.settling.pending
+        return self.exhausted and not self.pool.busy and not waiting
+
+    def stop(self) -> None:
+        self.pool.shutdown()
+        if not self.dry_run:
+            self.staging.close()
+        self.sinks.flush()
+
+    def submit_settled(self) -> None:
+        if self.settling is not None:
+            for path in self.settling.ready(self.pool.idle):
+                self.submit(path)
+
+    def feed_from_walk(self) -> None:
+        while not self.exhausted and self.pool.idle and self._has_room():
+            path = next(self.files, None)
+            if path is None:
+                self.exhausted = True
+                if self.settling is not None:
+                    self.settling.walk_done()
+                return
+            if self.settling is None or self.settling.take(path):
+                self.submit(path)
+
+    def give_up_on_changing(self) -> None:
+        if self.settling is not None and self.exhausted:
+            for result in self.settling.give_up():
+                self.sinks.on_result(Task(path=result.source, source=result.source), result)
+
+    def collect(self) -> None:
+        timeout = POLL_SECONDS if self.settling is None else self.settling.wait(POLL_SECONDS)
+        for done in self.pool.poll(timeout=timeout):
+            self.sinks.on_result(done.task, done.result)
+
+    def submit(self, path: Path) -> None:
+        assert self._settings is not None
+        task = Task(
+            path=str(path),
+            source=str(path),
+            remove_source=self.remove,
+            rel_source=path.name,
+            dry_run=self.dry_run,
+        )
+        self.pool.submit(task, self._settings)
+
+    def _has_room(self) -> bool:
+        return self.settling is None or self.settling.has_room
+
+
+class _Settling:
+    """``sort --move``'s settle rule: which files may be filed now, which must wait."""
+
+    def __init__(self, settle_seconds: float) -> None:
+        self.settle_ns = int(settle_seconds * 1e9)
+        self.tracker = SettleTracker(settle_seconds) if settle_seconds > 0 else None
+        self.deadline: float | None = None
+        self.patience = settle_seconds + SETTLE_PATIENCE_SECONDS
+
+    def take(self, path: Path) -> bool:
+        """True if ``path`` may be filed now: not modified within ``settle_seconds``.
+        Otherwise it is set aside (a vanished file is simply forgotten)."""
+        if self.tracker is None:
+            return True
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        age = time.time_ns() - st.st_mtime_ns
+        if 0 <= self.settle_ns <= age:
+            return True
+        self.tracker.touch(str(path), changed=False)
+        return False
+
+    @property
+    def has_room(self) -> bool:
+        return self.tracker is None or len(self.tracker) < MAX_DEFERRED
+
+    @property
+    def pending(self) -> int:
+        return 0 if self.tracker is None else len(self.tracker)
+
+    def ready(self, limit: int) -> list[Path]:
+        """Files set aside whose signature has now held still for ``settle_seconds``."""
+        if self.tracker is None or limit <= 0:
+            return []
+        out = [Path(p) for p in self.tracker.ready(limit)]
+        for path, kind in self.tracker.drain_special():
+            log.warning("skipped %s: not a regular file (%s)", path, kind)
+        return out
+
+    def walk_done(self) -> None:
+        self.deadline = time.monotonic() + self.patience
+
+    def give_up(self) -> list[Result]:
+        """Once the wait after the walk is over: every file still changing, as failed."""
+        if self.tracker is None or self.deadline is None or time.monotonic() < self.deadline:
+            return []
+        results = []
+        for path in list(self.tracker):
+            self.tracker.forget(path)
+            results.append(
+                Result(
+                    outcome=Outcome.FAILED,
+                    source=path,
+                    reason=Reason.STILL_CHANGING,
+                    message=f"still being written {self.patience:.0f} s after the walk; "
+                    "not filed, left in place",
+                    retryable=True,
+                )
+            )
+        return results
+
+    def wait(self, longest: float) -> float:
+        """How long the caller may block: until the next file is due, at most ``longest``."""
+        if self.tracker is None or not len(self.tracker):
+            return longest
+        due = self.tracker.next_due()
+        now = time.monotonic()
+        bounds = [longest]
+        if due is not None:
+            bounds.append(due - now)
+        if self.deadline is not None:
+            bounds.append(self.deadline - now)
+        return max(0.0, min(bounds))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import struct
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
@@ -23,6 +24,7 @@ from pydicom.uid import (
     JPEG2000MC,
     UID,
     AllTransferSyntaxes,
+    ExplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -33,6 +35,8 @@ from pydicom.uid import (
 
 from dicomwatch.dicomio import (
     encapsulated_fragments,
+    encode,
+    encode_around_pixels,
     has_encapsulated_pixel_data,
     pixel_geometry,
     suppress_pydicom_warnings,
@@ -48,6 +52,7 @@ __all__ = [
     "codestream_dimensions",
     "declared_decoded_bytes",
     "decompress",
+    "decompress_encoded",
     "is_compressed",
 ]
 
@@ -309,6 +314,116 @@ def decompress(ds: Dataset) -> Dataset:
         if not ds.get("LossyImageCompressionMethod"):
             ds.LossyImageCompressionMethod = method
     return ds
+
+
+_HEAD_SLACK = 4096
+"""Room left before the pixels for header growth while decoding (Photometric
+Interpretation, Planar Configuration, Number of Frames, the lossy marks)."""
+
+
+class _FrameMismatch(Exception):
+    """The decoder's frames do not add up to the size the header declares."""
+
+
+def decompress_encoded(ds: Dataset) -> bytes | bytearray | memoryview:
+    """:func:`decompress` then :func:`dicomio.encode`, holding the decoded pixels once.
+
+    Frames are decoded one at a time (pydicom's ``iter_array``, as ``Dataset.decompress``
+    does) straight into their place in one preallocated buffer that becomes the output
+    file: header, pixel data, trailing elements.  ``decompress`` followed by ``encode``
+    held the decoded data three to four times over (the frames, their join, the writer's
+    buffer and its copy).  Gives the same bytes; call :func:`check_size` first.
+
+    Raises:
+        DecodeError, EncodeError: as :func:`decompress` and :func:`dicomio.encode`.
+    """
+    if not is_compressed(ds):
+        return encode(ds)
+    geometry = pixel_geometry(ds)
+    if geometry.bits_allocated % 8:
+        return encode(decompress(ds))
+    frame_bytes = (
+        geometry.rows * geometry.columns * geometry.samples_per_pixel * geometry.bits_allocated // 8
+    )
+    total = frame_bytes * geometry.frames
+    padded = total + total % 2
+    if padded >= 0xFFFFFFFF:
+        raise DecodeError(
+            f"cannot decode {UID(transfer_syntax(ds)).name}: {total} bytes of native pixel "
+            "data do not fit in one DICOM element"
+        )
+    syntax = transfer_syntax(ds)
+    instance_uid = ds.get("SOPInstanceUID")
+    estimate, _ = encode_around_pixels(ds, padded)
+    start = (len(estimate) + _HEAD_SLACK + 7) // 8 * 8  # the pixels 8-byte aligned
+    buffer = bytearray(start + padded)
+    image_pixel: dict[str, str | int] = {}
+    try:
+        image_pixel, frames = _decode_frames_into(ds, buffer, start, total)
+    except _FrameMismatch:
+        del buffer
+        return encode(decompress(ds))
+    # What pydicom's Dataset.decompress does once the frames are decoded.
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PhotometricInterpretation = image_pixel["photometric_interpretation"]
+    if int(image_pixel["samples_per_pixel"]) > 1:
+        ds.PlanarConfiguration = int(image_pixel["planar_configuration"])
+    if "NumberOfFrames" in ds or frames > 1:
+        ds.NumberOfFrames = frames
+    del ds[0x7FE00010]  # the compressed value is not needed any more
+    if ds.get("SOPInstanceUID") != instance_uid:
+        ds.SOPInstanceUID = instance_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = instance_uid
+    _describe_decoded_pixels(ds)
+    method = _LOSSY_METHOD.get(syntax)
+    if method is not None:
+        ds.LossyImageCompression = "01"
+        if not ds.get("LossyImageCompressionMethod"):
+            ds.LossyImageCompressionMethod = method
+    head, tail = encode_around_pixels(ds, padded)
+    if len(head) > start:  # the header grew more than the slack allows: join instead
+        return bytes(head) + bytes(memoryview(buffer)[start:]) + tail
+    offset = start - len(head)
+    buffer[offset:start] = head
+    if tail:
+        buffer += tail
+    return memoryview(buffer)[offset:]
+
+
+def _decode_frames_into(
+    ds: Dataset, buffer: bytearray, start: int, total: int
+) -> tuple[dict[str, str | int], int]:
+    """Decode every frame of `ds` into ``buffer[start:start + total]``, in order."""
+    syntax = transfer_syntax(ds)
+    pos = start
+    frames = 0
+    image_pixel: dict[str, str | int] = {}
+    with suppress_pydicom_warnings():
+        try:
+            decoder = get_decoder(UID(syntax))
+            if not decoder.is_available:
+                missing = "; ".join(decoder.missing_dependencies)
+                raise RuntimeError(f"no decoder plugin is available ({missing})")
+            for arr, pixel_info in decoder.iter_array(ds, as_rgb=True):
+                image_pixel = pixel_info
+                size = int(arr.nbytes)
+                if pos + size > start + total:
+                    raise _FrameMismatch
+                target = np.frombuffer(buffer, dtype=arr.dtype, count=arr.size, offset=pos)
+                np.copyto(target.reshape(arr.shape), arr)
+                del target, arr
+                pos += size
+                frames += 1
+        except (MemoryError, KeyboardInterrupt, SystemExit, _FrameMismatch):
+            raise
+        # As in decompress(): hostile data into third-party codecs raises anything.
+        except BaseException as exc:
+            raise DecodeError(
+                f"cannot decode {UID(syntax).name}: {type(exc).__name__}: {exc}"
+            ) from exc
+    if pos != start + total or not image_pixel:
+        raise _FrameMismatch
+    return image_pixel, frames
 
 
 def _describe_decoded_pixels(ds: Dataset) -> None:

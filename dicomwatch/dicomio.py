@@ -74,6 +74,7 @@ __all__ = [
     "check_complete",
     "encapsulated_fragments",
     "encode",
+    "encode_around_pixels",
     "has_encapsulated_pixel_data",
     "header_values",
     "is_known_keyword",
@@ -757,14 +758,9 @@ def encode(ds: Dataset) -> bytes:
     """
     if has_encapsulated_pixel_data(ds):
         raise EncodeError("pixel data is still compressed; decompress it first")
-    big_endian = transfer_syntax(ds) == ExplicitVRBigEndian or ds.original_encoding[1] is False
-    verbatim = ds.original_encoding == (False, True) and not big_endian
     with suppress_pydicom_warnings():
         try:
-            if verbatim:
-                out = _shallow_copy(ds)
-            else:
-                out = _copy_little_endian(ds, big_endian, _bits_allocated(ds), top_level=True)
+            out, verbatim = _output_dataset(ds)
             if 0x7FE00010 in out and out[0x7FE00010].is_undefined_length:
                 # Native pixel data has a defined length (as pydicom's dcmwrite sets it).
                 pixels = out[0x7FE00010]
@@ -785,6 +781,69 @@ def encode(ds: Dataset) -> bytes:
     elif _rewrites_structure(out, top_level=True):
         _check_reads_back(encoded, convert=frozenset(), expect=out)
     return encoded
+
+
+def _output_dataset(ds: Dataset) -> tuple[Dataset, bool]:
+    """The data set to write for `ds`, and whether its raw elements are copied as read."""
+    big_endian = transfer_syntax(ds) == ExplicitVRBigEndian or ds.original_encoding[1] is False
+    verbatim = ds.original_encoding == (False, True) and not big_endian
+    if verbatim:
+        return _shallow_copy(ds), True
+    return _copy_little_endian(ds, big_endian, _bits_allocated(ds), top_level=True), False
+
+
+def encode_around_pixels(ds: Dataset, pixel_length: int) -> tuple[bytes, bytes]:
+    """:func:`encode` of `ds` in two parts, for native pixel data of `pixel_length`
+    bytes (even) written by the caller in between: everything up to and including the
+    Pixel Data element's header, and every element after the pixel data.
+
+    The caller decodes straight into the buffer that is written to the archive, so the
+    decoded pixels are held once, not three or four times (decoded frames, the joined
+    value, the writer's buffer, its copy).  The Pixel Data element in `ds`, if any, is
+    not written: OB for Bits Allocated up to 8, else OW, as pydicom's decompress sets it.
+    The output is checked as :func:`encode` checks it.
+
+    Raises:
+        EncodeError: pydicom cannot write it, or the output does not read back.
+    """
+    if pixel_length % 2 or not 0 <= pixel_length < 0xFFFFFFFF:
+        raise EncodeError(f"native pixel data cannot be {pixel_length} bytes long")
+    with suppress_pydicom_warnings():
+        try:
+            out, verbatim = _output_dataset(ds)
+            tags = [tag for tag in list(out.keys()) if tag != 0x7FE00010]
+            head_ds, tail_ds = (
+                Dataset({tag: out.get_item(tag, keep_deferred=True) for tag in part})
+                for part in (
+                    [t for t in tags if t < 0x7FE00010],
+                    [t for t in tags if t > 0x7FE00010],
+                )
+            )
+            charset = out._character_set
+            tail_ds._parent_encoding = charset  # Specific Character Set is in the head
+            if verbatim:
+                for part in (head_ds, tail_ds):
+                    part.set_original_encoding(False, True, out.original_character_set)
+            vr = b"OB" if _bits_allocated(ds) <= 8 else b"OW"
+            head = DicomBytesIO()
+            head.is_little_endian, head.is_implicit_VR = True, False
+            head.write(b"\x00" * 128 + b"DICM" + _file_meta_bytes(ds))
+            write_dataset(head, head_ds)
+            head.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, vr, 0, pixel_length))
+            tail = DicomBytesIO()
+            tail.is_little_endian, tail.is_implicit_VR = True, False
+            write_dataset(tail, tail_ds, parent_encoding=charset)
+        except (EncodeError, MemoryError):
+            raise
+        # As in encode(): values from hostile input that pydicom's writer refuses.
+        except Exception as exc:
+            raise EncodeError(f"cannot encode: {type(exc).__name__}: {exc}") from exc
+    encoded_head = head.getvalue()
+    if not verbatim:
+        _check_reads_back(encoded_head)
+    elif _rewrites_structure(out, top_level=True):
+        _check_reads_back(encoded_head, convert=frozenset(), expect=out)
+    return encoded_head, tail.getvalue()
 
 
 def _rewrites_structure(ds: Dataset, *, top_level: bool) -> bool:

@@ -76,3 +76,9 @@ class EncodeError(RejectedError):
     """The dataset could not be written back out as DICOM."""
 
     reason = Reason.ENCODE_ERROR
+
+
+class TooManyCollisionsError(RejectedError):
+    """Every numbered name for this destination is taken by a different file."""
+
+    reason = Reason.TOO_MANY_COLLISIONS

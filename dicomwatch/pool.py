@@ -40,6 +40,38 @@ log = logging.getLogger(__name__)
 
 _CTX: Any = None
 
+WORKER_MEMORY_FLOOR_MB = 1024
+"""Least address space a worker is given by default.  A worker with everything
+imported maps about 170 MiB of address space (decoders included) and about 50 MiB
+resident; below this floor an ordinary image could not be decoded."""
+WORKER_MEMORY_CEILING_MB = 16 * 1024
+"""Most address space a worker is given by default: the default ``max_decoded_bytes``
+(4 GiB) decoded once, its source, the parsed copy of the source and the imports, with
+room to spare.  Raise ``worker_memory_mb`` together with ``max_decoded_bytes``."""
+
+
+def _machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's limit where that is lower (a container)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
+            limit = fh.read().strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    return total
+
+
+def default_worker_memory_mb(workers: int) -> int:
+    """The per-worker address-space ceiling used when ``worker_memory_mb`` is 0.
+
+    The machine's memory shared out among the workers, so that all of them at their
+    ceiling together cannot exhaust it, within ``WORKER_MEMORY_FLOOR_MB`` and
+    ``WORKER_MEMORY_CEILING_MB``.  RLIMIT_AS counts address space, not resident memory,
+    so the floor keeps room for what the libraries map but never touch.
+    """
+    share = _machine_memory_bytes() // max(1, workers) // (1024 * 1024)
+    return max(WORKER_MEMORY_FLOOR_MB, min(share, WORKER_MEMORY_CEILING_MB))
+
 
 def _context() -> Any:
     """The fork-server context, created once, with the heavy imports preloaded."""
@@ -111,8 +143,10 @@ class WorkerPool:
         depth: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``memory_mb`` caps each worker's address space; 0 means a default sized from
+        the machine (:func:`default_worker_memory_mb`)."""
         self.size = size
-        self.memory_mb = memory_mb
+        self.memory_mb = memory_mb if memory_mb > 0 else default_worker_memory_mb(size)
         self.depth = depth
         self.clock = clock
         self._workers: list[_Worker] = []

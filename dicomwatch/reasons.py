@@ -22,6 +22,8 @@ class Reason(StrEnum):
     DECODE_ERROR = "decode_error"
     UNSAFE_PATH = "unsafe_path"
     ENCODE_ERROR = "encode_error"
+    TOO_MANY_COLLISIONS = "too_many_collisions"
+    """Every numbered name for the destination is taken by a different file."""
     WORKER_CRASH = "worker_crash"
     """Workers kept dying (or timing out) on this file; quarantined unread."""
 
@@ -42,6 +44,13 @@ class Reason(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     CLAIM_FAILED = "claim_failed"
     """The daemon could not rename the file out of its inbox folder."""
+    CHANGED_WHILE_FILING = "changed_while_filing"
+    """The source changed after it was read: it is kept, and filed again once settled."""
+    SOURCE_IS_FILED_COPY = "source_is_filed_copy"
+    """The source is the very archive file it duplicates (the archive under another
+    name): it is never removed."""
+    STILL_CHANGING = "still_changing"
+    """``sort --move``: still being written when the wait after the walk ended."""
     TIMEOUT = "timeout"
     """A worker held the file longer than ``task_timeout_seconds`` and was killed."""
 

@@ -22,7 +22,7 @@ import os
 import stat as stat_mod
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 __all__ = ["SettleTracker", "Signature", "special_kind"]
@@ -272,6 +272,10 @@ class SettleTracker:
 
     def __len__(self) -> int:
         return len(self._by_age)
+
+    def __iter__(self) -> Iterator[str]:
+        """The tracked paths, oldest first (a snapshot: forgetting while iterating is fine)."""
+        return iter(list(self._by_age))
 
     def next_due(self) -> float | None:
         """Clock time of the earliest deadline, or ``None`` if nothing is tracked.

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from dicomwatch import decode, dicomio
-from dicomwatch.archive import Filer, Placement
+from dicomwatch.archive import Data, Filer, Placement
 from dicomwatch.errors import RejectedError, RetryableError
 from dicomwatch.layout import (
     Template,
@@ -129,7 +129,7 @@ _IDENTITY_KEYWORDS = (
 
 @dataclass(frozen=True)
 class _Prepared:
-    out: bytes
+    out: Data
     filing: FilingPlan
     ts_in: str
     ts_out: str
@@ -163,8 +163,8 @@ def _prepare(data: bytes, settings: EngineSettings) -> _Prepared:
         return _Prepared(data, filing, ts_in, ts_in, instance)
     if decode.is_compressed(ds):
         decode.check_size(ds, settings.max_decoded_bytes)
-        ds = decode.decompress(ds)
-        return _Prepared(dicomio.encode(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN, instance)
+        out = decode.decompress_encoded(ds)
+        return _Prepared(out, filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN, instance)
     if dicomio.is_plain_explicit_le(ds):
         return _Prepared(data, filing, ts_in, ts_in, instance)
     return _Prepared(dicomio.encode(ds), filing, ts_in, EXPLICIT_VR_LITTLE_ENDIAN, instance)
@@ -267,7 +267,7 @@ def process(task: Task, settings: EngineSettings) -> Result:
         )
 
     try:
-        data = _read_regular(task.path)
+        data, read_id = _read_regular(task.path)
     except OSError as exc:
         return done(
             Outcome.FAILED, reason=retry_reason(exc), message=_oserror_text(exc), retryable=True
@@ -296,6 +296,7 @@ def process(task: Task, settings: EngineSettings) -> Result:
             )
         filer = _FILERS.get(settings.archive, settings.archive_staging, settings.fsync)
         placed = filer.place(filing.rel_path, out, uid=uid, uid_of=_existing_uid)
+        del out
         if placed.duplicate:
             outcome = Outcome.DUPLICATE
         elif placed.same_uid_differs:
@@ -333,6 +334,13 @@ def process(task: Task, settings: EngineSettings) -> Result:
                 message=f"cannot quarantine ({exc}): {_oserror_text(qexc)}",
                 retryable=True,
             )
+        except RejectedError as qexc:  # every quarantine name for it is taken
+            return done(
+                Outcome.FAILED,
+                reason=qexc.reason,
+                message=f"cannot quarantine ({exc}): {qexc}",
+                retryable=True,
+            )
         result = done(
             Outcome.QUARANTINED,
             destination=str(placed.path),
@@ -366,6 +374,42 @@ def process(task: Task, settings: EngineSettings) -> Result:
         )
 
     if task.remove_source:
+        if placed.duplicate and placed.file_id == read_id.file_id:
+            # The "archived copy" is the source itself, reached by another path (the
+            # archive through a symlink or a bind mount): removing it would lose it.
+            return done(
+                Outcome.FAILED,
+                reason=Reason.SOURCE_IS_FILED_COPY,
+                destination=result.destination,
+                sop_instance_uid=uid,
+                bytes=len(data),
+                message="the source is the filed file itself (the archive or quarantine "
+                "under another path); not removed",
+            )
+        try:
+            changed = _changed_since_read(task.path, read_id)
+        except OSError as exc:
+            return done(
+                Outcome.FAILED,
+                reason=retry_reason(exc),
+                destination=result.destination,
+                sop_instance_uid=uid,
+                message=f"filed, but cannot check the source: {_oserror_text(exc)}",
+                retryable=True,
+            )
+        if changed is not None:
+            # Someone wrote to the file after we read it (a sender that paused longer
+            # than settle_seconds): what was filed may be partial.  The source stays and
+            # is filed again later, as a conflict beside the partial copy, never lost.
+            return done(
+                Outcome.FAILED,
+                reason=Reason.CHANGED_WHILE_FILING,
+                destination=result.destination,
+                sop_instance_uid=uid,
+                bytes=len(data),
+                message=f"the source changed while it was filed ({changed}); not removed",
+                retryable=True,
+            )
         try:
             _keep_processed(task, data, settings)
             _remove_source(task)
@@ -394,11 +438,37 @@ def _oserror_text(exc: OSError) -> str:
     )
 
 
-def _read_regular(path: str) -> bytes:
-    """Read a file without following a symlink or blocking on a FIFO that replaced it."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+@dataclass(frozen=True)
+class _ReadId:
+    """Which file was read, and its size and mtime when the read started."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @property
+    def file_id(self) -> tuple[int, int]:
+        return (self.dev, self.ino)
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _ReadId:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _read_regular(path: str) -> tuple[bytes, _ReadId]:
+    """Read a file without following a symlink or blocking on a FIFO that replaced it.
+
+    Returns the bytes and the file's identity, size and mtime taken from the same open
+    file before reading, so that a change during or after the read can be told.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
         chunks = []
         while True:
@@ -406,6 +476,27 @@ def _read_regular(path: str) -> bytes:
             if not chunk:
                 break
             chunks.append(chunk)
-        return b"".join(chunks)
+        return b"".join(chunks), _ReadId.of(st)
     finally:
         os.close(fd)
+
+
+def _changed_since_read(path: str, before: _ReadId) -> str | None:
+    """How the file at ``path`` differs from the one read (another file now, another
+    size or mtime), or None if it is the same, unchanged.  Opened again by path, without
+    following a symlink, just before the source is removed."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None  # already gone: nothing left to remove or to lose
+    try:
+        now = _ReadId.of(os.fstat(fd))
+    finally:
+        os.close(fd)
+    if now.file_id != before.file_id:
+        return "replaced by another file"
+    if now.size != before.size:
+        return f"size {before.size} -> {now.size}"
+    if now.mtime_ns != before.mtime_ns:
+        return "modification time changed"
+    return None

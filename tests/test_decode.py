@@ -503,3 +503,34 @@ def test_codestream_dimensions_of_hand_built_streams(
 def test_codestream_dimensions_never_raises(prefix: bytes, rest: bytes) -> None:
     dims = decode.codestream_dimensions(prefix + rest)
     assert dims is None or all(isinstance(v, int) and v >= 0 for v in dims)
+
+
+# ----- decoding into the output buffer ---------------------------------------------------
+
+VENDOR_COMPRESSED = [
+    *COMPRESSED,
+    "J2K_pixelrep_mismatch.dcm",
+    "GDCMJ2K_TextGBR.dcm",
+    "JPEGLSNearLossless_08.dcm",
+    "SC_rgb_rle_32bit_2frame.dcm",
+    "SC_rgb_rle_16bit_2frame.dcm",
+    "SC_rgb_dcmtk_+eb+cy+s4.dcm",
+    "SC_rgb_jls_lossy_line.dcm",
+    "examples_jpeg2k.dcm",
+    "rtdose_rle.dcm",
+]
+
+
+@pytest.mark.parametrize("name", sorted(set(VENDOR_COMPRESSED)))
+def test_decoding_into_the_output_buffer_gives_the_same_file(name: str) -> None:
+    """Frame by frame into one buffer: byte for byte what decompress() + encode() give."""
+    data = sample(name)
+    try:
+        expected = dicomio.encode(decode.decompress(load(data)))
+    except DecodeError:  # one the decoders cannot read: refused the same way
+        with pytest.raises(DecodeError):
+            decode.decompress_encoded(load(data))
+        return
+    got = decode.decompress_encoded(load(data))
+    assert bytes(got) == expected
+    assert np.array_equal(dcmread(io.BytesIO(bytes(got))).pixel_array, reference_pixels(data))

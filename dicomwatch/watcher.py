@@ -49,6 +49,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
+from dicomwatch import dirfd
 from dicomwatch.config import DEFAULT_IGNORE, INTERNAL_DIR, ObserverKind
 from dicomwatch.settle import special_kind
 
@@ -130,7 +131,10 @@ def scan(
     ``"socket"``, ``"device"`` (or ``"other"``), so the caller can log special files
     instead of silently skipping them.  Special files are never opened (opening a FIFO
     blocks forever) and symlinks are never followed, not even to directories: a link to
-    ``/`` must not make the daemon file the whole machine.
+    ``/`` must not make the daemon file the whole machine.  Nor is a folder that was
+    swapped for a symlink after it was listed: every folder is opened relative to its
+    parent with ``O_NOFOLLOW`` (:mod:`dicomwatch.dirfd`), never by its path string.
+    Folders more than :data:`~dicomwatch.dirfd.MAX_DEPTH` levels down are not entered.
 
     Streaming on purpose: entries are yielded while each directory is being read, and
     only the not-yet-visited sub-directory paths are held in memory, so a flat inbox
@@ -151,31 +155,65 @@ def scan(
     unreadable ``under`` yields nothing.
     """
     root = os.path.abspath(inbox)
-    regex = _compile_patterns(tuple(patterns))
-    if under is None:
-        start = root
-    else:
-        start = os.path.abspath(under)
-        rel = os.path.relpath(start, root)
+    start: tuple[str, ...] = ()
+    if under is not None:
+        rel = os.path.relpath(os.path.abspath(under), root)
         if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
             raise ValueError(f"{os.fspath(under)!r} is not inside the inbox {root!r}")
-        if rel != os.curdir and (_is_internal(rel) or is_ignored(rel, patterns)):
-            return
+        if rel != os.curdir:
+            if _is_internal(rel) or is_ignored(rel, patterns):
+                return
+            start = tuple(_split(rel))
+    try:
+        # Only the inbox itself may be a symlink: it is configured that way.
+        root_fd = _open_dir(root, follow=True)
+    except OSError:
+        if under is None:
+            raise
+        return
+    try:
+        for parts, kind in walk_at(root_fd, patterns, label=root, start=start, top_internal=True):
+            yield os.path.join(root, *parts), kind
+    finally:
+        os.close(root_fd)
+
+
+def walk_at(
+    root_fd: int,
+    patterns: Sequence[str] = (),
+    *,
+    label: str,
+    start: tuple[str, ...] = (),
+    top_internal: bool = False,
+) -> Iterator[tuple[tuple[str, ...], str]]:
+    """:func:`scan` below the open folder ``root_fd``: yields ``(parts, kind)``.
+
+    ``parts`` are the path components below ``root_fd``.  Each folder is reached by
+    :func:`~dicomwatch.dirfd.open_below` from ``root_fd``, so nothing is followed even
+    if a folder is swapped for a symlink during the walk.  ``label`` names ``root_fd``
+    in log messages; ``top_internal`` skips :data:`INTERNAL_DIR` at the top level.
+    """
+    regex = _compile_patterns(tuple(patterns))
     pending = [start]
+    warned_deep = False
     while pending:
-        directory = pending.pop()
-        is_inbox = directory == root
+        parts = pending.pop()
         try:
-            # Only the inbox itself may be a symlink (it is configured that way); any
-            # other folder is opened with O_NOFOLLOW, so one swapped for a link after it
-            # was listed, or an ``under`` that is a link, is never followed.
-            fd = _open_dir(directory, follow=is_inbox)
+            fd = dirfd.open_below(root_fd, parts)
         except OSError as exc:
-            if is_inbox and under is None:
-                raise
             if isinstance(exc, FileNotFoundError | NotADirectoryError) or exc.errno == errno.ELOOP:
                 continue  # removed, or replaced by a file or a symlink, since it was listed
-            log.warning("scan: skipping unreadable folder %r: %s", directory, exc)
+            where = os.path.join(label, *parts)
+            if exc.errno == errno.ENAMETOOLONG:
+                if not warned_deep:
+                    log.warning(
+                        "scan: not entering %r: more than %d folders deep",
+                        where,
+                        dirfd.MAX_DEPTH,
+                    )
+                    warned_deep = True
+                continue
+            log.warning("scan: skipping unreadable folder %r: %s", where, exc)
             continue
         try:
             with os.scandir(fd) as entries:
@@ -185,21 +223,24 @@ def scan(
                     except StopIteration:
                         break
                     except OSError as exc:  # e.g. EIO/ESTALE while reading a network share
-                        log.warning("scan: error while reading folder %r: %s", directory, exc)
+                        log.warning(
+                            "scan: error while reading folder %r: %s",
+                            os.path.join(label, *parts),
+                            exc,
+                        )
                         break
                     name = entry.name
-                    if (is_inbox and name == INTERNAL_DIR) or (
+                    if (top_internal and not parts and name == INTERNAL_DIR) or (
                         regex is not None and regex.match(name)
                     ):
                         continue
-                    path = os.path.join(directory, name)
-                    kind = _entry_kind(entry, path)
+                    kind = _entry_kind(entry, parts, name)
                     if kind is None:
                         continue
                     if kind == "directory":
-                        pending.append(path)
+                        pending.append((*parts, name))
                     else:
-                        yield path, kind
+                        yield (*parts, name), kind
         finally:
             os.close(fd)
 
@@ -211,7 +252,7 @@ def _open_dir(path: str, *, follow: bool) -> int:
     return os.open(path, flags)
 
 
-def _entry_kind(entry: os.DirEntry[str], path: str) -> str | None:
+def _entry_kind(entry: os.DirEntry[str], parts: tuple[str, ...], name: str) -> str | None:
     """Classify without following links; ``None`` if the entry vanished meanwhile.
 
     ``is_symlink``/``is_dir``/``is_file`` come free from ``d_type`` on most file
@@ -228,7 +269,7 @@ def _entry_kind(entry: os.DirEntry[str], path: str) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.debug("scan: cannot classify %r: %s", path, exc)
+        log.debug("scan: cannot classify %r: %s", os.path.join(*parts, name), exc)
         return None
     return special_kind(mode) or "file"
 

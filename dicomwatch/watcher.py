@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import re
+import stat
 import threading
 import types
 import warnings
@@ -398,6 +399,7 @@ class InboxWatcher:
         self._dirs: OrderedDict[str, None] = OrderedDict()
         self._overflow = False
         self._observer: BaseObserver | None = None
+        self._watched_id: tuple[int, int] | None = None
         self._kind = "stopped"
         self.events_seen = 0
         """Relevant events received (after filtering), including dropped ones."""
@@ -421,14 +423,18 @@ class InboxWatcher:
 
     @property
     def alive(self) -> bool:
-        """True while the observer and its emitter threads all run.
+        """True while the observer and its emitter threads all run, on the inbox.
 
-        watchdog stops an emitter silently when the inbox itself is deleted or (polling)
-        reads as missing, e.g. during a network share outage; the daemon can check this
-        and restart the watcher instead of relying on scans alone.
+        watchdog stops an emitter silently when the inbox itself is deleted (inotify's
+        ``IN_DELETE_SELF``) or (polling) reads as missing, e.g. during a network share
+        outage.  A *renamed* inbox stops nothing: an inotify watch follows the folder,
+        not its name, and watchdog does not listen for ``IN_MOVE_SELF``, so events of
+        ``inbox.old`` would keep arriving under the inbox's name while the new folder at
+        that name is not watched.  So :attr:`replaced` counts as not alive too; the
+        daemon checks this and starts a new watcher instead of relying on scans alone.
         """
         observer = self._observer
-        if observer is None or not observer.is_alive():
+        if observer is None or not observer.is_alive() or self.replaced:
             return False
         try:
             emitters = tuple(observer.emitters)
@@ -441,6 +447,15 @@ class InboxWatcher:
         reader = getattr(observer, "_inotify_fd", None)
         return not isinstance(reader, threading.Thread) or reader.is_alive()
 
+    @property
+    def replaced(self) -> bool:
+        """True once the inbox's name no longer leads to the folder being watched: it was
+        deleted or renamed (and perhaps made again), or is missing (a lost mount)."""
+        watched = self._watched_id
+        if watched is None:
+            return False
+        return _identity(self._inbox) != watched
+
     def start(self) -> None:
         """Start watching.  Raises ``FileNotFoundError`` if the inbox is not a folder.
 
@@ -452,7 +467,8 @@ class InboxWatcher:
         if self._observer is not None:
             raise RuntimeError("InboxWatcher already started")
         _silence_benign_watchdog_warnings()
-        if not os.path.isdir(self._watched):
+        watched_id = _identity(self._watched)
+        if watched_id is None:
             raise FileNotFoundError(errno.ENOENT, "inbox is not a folder", self._inbox)
         if self._mode == "polling":
             observer = self._start_observer(self._new_polling)
@@ -471,6 +487,7 @@ class InboxWatcher:
                 )
                 observer = self._start_observer(self._new_polling)
         self._observer = observer
+        self._watched_id = watched_id
         self._kind = _observer_kind(observer)
         if self._mode != "polling" and self._kind == "polling":
             log.warning("no native file event support on this platform; polling %s", self._inbox)
@@ -670,6 +687,15 @@ class InboxWatcher:
         if fd is not None:
             with contextlib.suppress(OSError):  # full pipe: a wake-up is already there
                 os.write(fd, b"w")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the folder ``path`` leads to, or None if it leads to none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _silence_benign_watchdog_warnings() -> None:

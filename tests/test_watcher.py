@@ -372,6 +372,20 @@ def test_alive_until_the_inbox_disappears(
     wait_until(lambda: not w.alive, "the watcher to notice the inbox is gone")
 
 
+@pytest.mark.parametrize("mode", OBSERVERS)
+def test_not_alive_once_the_inbox_is_renamed(
+    start_watcher: Callable[..., InboxWatcher], inbox: Path, tmp_path: Path, mode: str
+) -> None:
+    """inotify keeps watching a renamed folder, and watchdog sends nothing for it: the
+    watcher must still say it no longer watches the inbox, renamed or made again."""
+    w = start_watcher(mode)
+    assert w.alive is True and w.replaced is False
+    inbox.rename(tmp_path / "inbox.old")
+    assert w.alive is False and w.replaced is True
+    inbox.mkdir()
+    assert w.alive is False and w.replaced is True
+
+
 def test_stop_is_idempotent_and_releases_threads(inbox: Path) -> None:
     before = threading.active_count()
     for mode in ALL_MODES:

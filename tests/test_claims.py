@@ -1,0 +1,129 @@
+"""The claim folder in-process: claims and the internal folder's checks.
+
+Real folders in ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dicomwatch.claims import Claims
+from dicomwatch.config import INTERNAL_DIR
+from dicomwatch.errors import ConfigError
+from dicomwatch.sorter import Task
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    path = tmp_path / "inbox"
+    path.mkdir()
+    return path
+
+
+def locked(inbox: Path, **kw: object) -> Claims:
+    claims = Claims(inbox, "n", **kw)  # type: ignore[arg-type]
+    claims.lock()
+    return claims
+
+
+# ----- claiming never follows a symlink below the inbox -----------------------------------
+
+
+def test_claim_never_follows_a_parent_folder_swapped_for_a_symlink(
+    inbox: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.dcm").write_bytes(b"outside")
+    claims = locked(inbox)
+    try:
+        (inbox / "sub").mkdir()
+        (inbox / "sub" / "x.dcm").write_bytes(b"inside")
+        (inbox / "sub").rename(inbox / ".old")
+        (inbox / "sub").symlink_to(outside)
+        assert claims.claim(str(inbox / "sub" / "x.dcm")) == "gone"
+        assert (outside / "x.dcm").read_bytes() == b"outside"
+        assert os.listdir(outside) == ["x.dcm"]
+    finally:
+        claims.unlock()
+
+
+def test_claim_and_unclaim_round_trip(inbox: Path) -> None:
+    claims = locked(inbox)
+    try:
+        (inbox / "a" / "b").mkdir(parents=True)
+        (inbox / "a" / "b" / "x.dcm").write_bytes(b"data")
+        task = claims.claim(str(inbox / "a" / "b" / "x.dcm"))
+        assert isinstance(task, Task)
+        assert task.source == str(inbox / "a" / "b" / "x.dcm")
+        assert task.rel_source == os.path.join("a", "b", "x.dcm")
+        assert not (inbox / "a" / "b" / "x.dcm").exists()
+        with open(task.path, "rb") as fh:  # what a worker reads
+            assert fh.read() == b"data"
+        (inbox / "a" / "b").rmdir()  # tidied meanwhile: handing back makes it again
+        claims.unclaim(task)
+        assert (inbox / "a" / "b" / "x.dcm").read_bytes() == b"data"
+        assert task.path not in claims.claimed
+    finally:
+        claims.unlock()
+
+
+def test_nothing_is_claimed_from_inside_the_internal_folder(inbox: Path) -> None:
+    claims = locked(inbox)
+    try:
+        (inbox / INTERNAL_DIR / "planted.dcm").write_bytes(b"x")
+        assert claims.claim(str(inbox / INTERNAL_DIR / "planted.dcm")) == "gone"
+        assert (inbox / INTERNAL_DIR / "planted.dcm").is_file()
+    finally:
+        claims.unlock()
+
+
+# ----- the internal folder must be the service user's own folder --------------------------
+
+
+@pytest.mark.parametrize("level", [".dicomwatch", "claims", "claims/n"])
+@pytest.mark.parametrize("what", ["symlink", "file"])
+def test_internal_folder_that_is_not_a_folder_is_refused(
+    inbox: Path, tmp_path: Path, level: str, what: str
+) -> None:
+    target = inbox / INTERNAL_DIR if level == ".dicomwatch" else inbox / INTERNAL_DIR / level
+    target.parent.mkdir(parents=True, exist_ok=True)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "claims" / "n").mkdir(parents=True)
+    (elsewhere / "claims" / "n" / "x.dcm").write_bytes(b"x")
+    if what == "symlink":
+        target.symlink_to(elsewhere)
+    else:
+        target.write_bytes(b"")
+    claims = Claims(inbox, "n")
+    with pytest.raises(ConfigError, match="symbolic link" if what == "symlink" else "not a folder"):
+        claims.lock()
+    claims.unlock()
+    assert (elsewhere / "claims" / "n" / "x.dcm").read_bytes() == b"x"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+@pytest.mark.parametrize("level", [".dicomwatch", "claims", "claims/n"])
+def test_internal_folder_of_another_user_is_refused(inbox: Path, level: str) -> None:
+    parts = [INTERNAL_DIR, *([] if level == ".dicomwatch" else level.split("/"))]
+    (inbox.joinpath(*parts)).mkdir(parents=True)
+    os.chown(inbox.joinpath(*parts), 65534, 65534)
+    claims = Claims(inbox, "n")
+    with pytest.raises(ConfigError, match="belongs to uid 65534"):
+        claims.lock()
+    claims.unlock()
+
+
+def test_group_or_world_writable_internal_folders_are_closed(inbox: Path) -> None:
+    (inbox / INTERNAL_DIR / "claims").mkdir(parents=True)
+    (inbox / INTERNAL_DIR).chmod(0o777)
+    (inbox / INTERNAL_DIR / "claims").chmod(0o775)
+    claims = locked(inbox)
+    try:
+        assert (inbox / INTERNAL_DIR).stat().st_mode & 0o022 == 0
+        assert (inbox / INTERNAL_DIR / "claims").stat().st_mode & 0o022 == 0
+    finally:
+        claims.unlock()

@@ -48,6 +48,7 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -67,6 +68,8 @@ NODE_LOCK_WAIT_SECONDS = 10.0
 """How long a busy node lock may be another node returning our claims, not a twin."""
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _FOLDER_MODE = 0o750
+_EMPTY_LIMIT = 10_000
+"""Empty folders remembered at once for tidying (bounded memory for hostile inboxes)."""
 
 ClaimMiss = Literal["later", "gone"]
 """``later``: an earlier file of that name is still ours, settle this one again;
@@ -118,6 +121,7 @@ class Claims:
         node: str,
         *,
         archive: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.inbox = inbox
         self.node = node
@@ -134,6 +138,9 @@ class Claims:
         self._closing = False
         self._refusal: str | None = None
         self._warned_proc = False
+        self._clock = clock
+        self._empty_since: dict[tuple[str, tuple[str, ...]], tuple[float, tuple[int, int]]] = {}
+        """Empty folders by (tree, parts): when first seen empty, and (inode, mtime)."""
 
     # ----- the node locks and our folders ----------------------------------------------
 
@@ -580,9 +587,14 @@ class Claims:
         """Remove empty inbox sub-folders (and claim sub-folders) after a grace period.
 
         Runs on the scanner thread.  ``rmdir`` only ever removes an empty folder, and the
-        grace period (on the folder's mtime, which changes whenever an entry is added)
-        leaves alone folders a sender has just made.  Folders are walked and removed
-        relative to their open parent, never through a symlink.
+        grace period leaves alone folders a sender has just made.  It is measured on the
+        monotonic clock from when the folder was first *seen* empty, not on its mtime
+        against the wall clock: a clock jump of a day, or ``rsync -t`` giving a new
+        folder its source's old mtime, would make a folder made a moment ago look
+        abandoned, and writes into it would fail.  The mtime and inode only tell whether
+        the folder changed since (the grace then starts again).  At most
+        ``_EMPTY_LIMIT`` folders are remembered; others wait for a later pass.  Folders
+        are walked and removed relative to their open parent, never through a symlink.
         """
         with self._fd_lock:
             folders = self._folders
@@ -593,16 +605,24 @@ class Claims:
                     return  # a new inbox: our folders are made again at the next claim
             except OSError:
                 return
-            cutoff = time.time() - grace_seconds
-            self._tidy_below(folders.inbox, (), cutoff, skip=INTERNAL_DIR)
-            self._tidy_below(folders.node, (), cutoff, skip=None)
+            now = self._clock()
+            seen: set[tuple[str, tuple[str, ...]]] = set()
+            for tree, fd, skip in (
+                ("inbox", folders.inbox, INTERNAL_DIR),
+                ("claims", folders.node, None),
+            ):
+                self._tidy_below(fd, (tree, ()), _Pass(now, grace_seconds, seen), skip=skip)
+            if not self._closing:
+                for key in [k for k in self._empty_since if k not in seen]:
+                    del self._empty_since[key]
 
     def _tidy_below(
-        self, fd: int, parts: tuple[str, ...], cutoff: float, *, skip: str | None
+        self, fd: int, where: tuple[str, tuple[str, ...]], run: _Pass, *, skip: str | None
     ) -> bool:
         """Tidy the folders below ``fd``; True if ``fd``'s folder is empty afterwards."""
         if self._closing:
             return False
+        tree, parts = where
         empty = True
         subdirs: list[str] = []
         try:
@@ -615,7 +635,7 @@ class Claims:
                     else:
                         empty = False
         except OSError as exc:
-            log.debug("cannot read folder %s: %s", os.path.join(*parts) if parts else ".", exc)
+            log.debug("cannot read folder %s: %s", os.path.join(tree, *parts), exc)
             return False
         for name in subdirs:
             if len(parts) >= dirfd.MAX_DEPTH:
@@ -626,12 +646,14 @@ class Claims:
             except OSError:
                 empty = False
                 continue
+            key = (tree, (*parts, name))
             try:
-                removable = self._tidy_below(sub, (*parts, name), cutoff, skip=None)
-                mtime = os.fstat(sub).st_mtime
+                removable = self._tidy_below(sub, key, run, skip=None) and self._empty_long_enough(
+                    key, os.fstat(sub), run
+                )
             finally:
                 os.close(sub)
-            if not removable or mtime >= cutoff:
+            if not removable:
                 empty = False
                 continue
             try:
@@ -640,4 +662,29 @@ class Claims:
                 if exc.errno not in (errno.ENOTEMPTY, errno.ENOENT, errno.EEXIST):
                     log.debug("cannot remove empty folder %s: %s", name, exc)
                 empty = False
+                continue
+            del self._empty_since[key]
         return empty
+
+    def _empty_long_enough(
+        self, key: tuple[str, tuple[str, ...]], st: os.stat_result, run: _Pass
+    ) -> bool:
+        """The folder ``key`` is empty now: has it been, unchanged, for the grace?"""
+        state = (st.st_ino, st.st_mtime_ns)
+        first = self._empty_since.get(key)
+        if first is None or first[1] != state:
+            if first is None and len(self._empty_since) >= _EMPTY_LIMIT:
+                return False
+            first = (run.now, state)
+            self._empty_since[key] = first
+        run.seen.add(key)
+        return run.now - first[0] >= run.grace
+
+
+@dataclass
+class _Pass:
+    """One tidying pass: its time on the monotonic clock, the grace, what it saw empty."""
+
+    now: float
+    grace: float
+    seen: set[tuple[str, tuple[str, ...]]]

@@ -1,11 +1,13 @@
-"""The claim folder in-process: claims and the internal folder's checks.
+"""The claim folder in-process: claims, tidying and the internal folder's checks.
 
-Real folders in ``tmp_path``.
+Real folders in ``tmp_path``; the clock is injected where time matters, so no test
+waits for a grace period to pass.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,21 @@ from dicomwatch.claims import Claims
 from dicomwatch.config import INTERNAL_DIR
 from dicomwatch.errors import ConfigError
 from dicomwatch.sorter import Task
+
+DAY = 86_400.0
+
+
+class FakeClock:
+    """A monotonic clock that only moves when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @pytest.fixture
@@ -27,6 +44,106 @@ def locked(inbox: Path, **kw: object) -> Claims:
     claims = Claims(inbox, "n", **kw)  # type: ignore[arg-type]
     claims.lock()
     return claims
+
+
+def backdate(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+# ----- tidying: the grace is measured on the monotonic clock -------------------------------
+
+
+def test_a_fresh_folder_with_an_old_mtime_is_not_removed_at_once(inbox: Path) -> None:
+    """A wall-clock jump of a day (or ``rsync -t`` keeping a folder's old mtime) must not
+    make a folder a sender has just made look abandoned."""
+    claims = locked(inbox)
+    try:
+        fresh = inbox / "fresh"
+        fresh.mkdir()
+        backdate(fresh, DAY)
+        claims.tidy(3600)
+        assert fresh.is_dir(), "removed although it was seen empty for the first time"
+    finally:
+        claims.unlock()
+
+
+def test_an_empty_folder_goes_once_it_stayed_empty_for_the_grace(
+    inbox: Path, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    claims = locked(inbox, clock=clock)
+    try:
+        folder = inbox / "study" / "series"
+        folder.mkdir(parents=True)
+        backdate(folder, DAY)
+        (inbox / "full").mkdir()
+        (inbox / "full" / "x.dcm").write_bytes(b"x")
+        (inbox / "linked").mkdir()
+        (inbox / "linked" / "l").symlink_to(tmp_path / "nowhere")
+        claims.tidy(3600)
+        clock.advance(3599)
+        claims.tidy(3600)
+        assert folder.is_dir()
+        clock.advance(2)
+        claims.tidy(3600)
+        assert not folder.exists()
+        # Removing ``series`` changed ``study``: its own grace starts now.
+        assert (inbox / "study").is_dir()
+        claims.tidy(3600)
+        assert (inbox / "study").is_dir()
+        clock.advance(3600)
+        claims.tidy(3600)
+        assert not (inbox / "study").exists()
+        assert (inbox / "full" / "x.dcm").is_file() and (inbox / "linked" / "l").is_symlink()
+        assert inbox.is_dir() and (inbox / INTERNAL_DIR / "claims" / "n").is_dir()
+    finally:
+        claims.unlock()
+
+
+def test_a_folder_that_changed_while_empty_starts_its_grace_again(inbox: Path) -> None:
+    clock = FakeClock()
+    claims = locked(inbox, clock=clock)
+    try:
+        folder = inbox / "ward"
+        folder.mkdir()
+        claims.tidy(60)
+        clock.advance(50)
+        (folder / "x.dcm").write_bytes(b"x")
+        (folder / "x.dcm").unlink()  # a file came and went: the mtime moved
+        os.utime(folder, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+        claims.tidy(60)
+        clock.advance(50)
+        claims.tidy(60)
+        assert folder.is_dir(), "the grace must restart when the folder changed"
+        clock.advance(11)
+        claims.tidy(60)
+        assert not folder.exists()
+    finally:
+        claims.unlock()
+
+
+def test_empty_claim_sub_folders_are_tidied_too(inbox: Path) -> None:
+    clock = FakeClock()
+    claims = locked(inbox, clock=clock)
+    try:
+        (inbox / "s").mkdir()
+        (inbox / "s" / "x.dcm").write_bytes(b"x")
+        task = claims.claim(str(inbox / "s" / "x.dcm"))
+        assert isinstance(task, Task)
+        os.unlink(task.path)
+        claims.release(task)
+        claim_dir = inbox / INTERNAL_DIR / "claims" / "n" / "s"
+        assert claim_dir.is_dir()
+        backdate(claim_dir, DAY)
+        backdate(inbox / "s", DAY)
+        claims.tidy(10)
+        assert claim_dir.is_dir() and (inbox / "s").is_dir()
+        clock.advance(10)
+        claims.tidy(10)
+        assert not claim_dir.exists() and not (inbox / "s").exists()
+    finally:
+        claims.unlock()
 
 
 # ----- claiming never follows a symlink below the inbox -----------------------------------

@@ -19,6 +19,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -320,6 +321,80 @@ def test_an_internal_folder_made_by_a_sender_is_refused(
     assert run_once(d) == 78, tail(d)
     assert d.count_lines("belongs to uid 65534") >= 1, tail(d)
     assert (d.inbox / "y.dcm").read_bytes() == dicom(2)
+
+
+# ----- 7. the same node_id twice ------------------------------------------------------------
+
+
+def test_same_node_id_after_the_inbox_was_made_again_is_refused(
+    daemons: Callable[..., DaemonProc], tmp_path: Path
+) -> None:
+    a = daemons("a")
+    a.start()
+    shutil.rmtree(a.inbox)
+    a.inbox.mkdir()
+    twin = DaemonProc(tmp_path, "a2", node_id="a")
+    try:
+        twin.start(wait=False)
+        assert twin.wait_exit(30) == 78, tail(twin)
+        assert twin.count_lines("another dicomwatch with node_id 'a' is running") == 1
+    finally:
+        twin.ensure_stopped()
+    (a.inbox / "x.dcm").write_bytes(dicom(1))
+    assert wait_for(lambda: len(archived(a.archive)) == 1, 20), tail(a)
+    assert a.stop() == 0
+
+
+PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
+
+
+class NamespacedDaemon(DaemonProc):
+    """A daemon in a PID namespace of its own, where it is PID 1 (as in a container)."""
+
+    def start(self, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> None:
+        self.starts += 1
+        command = [sys.executable, "-m", "dicomwatch", "run", "--config", str(self.config_path)]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*PID_NAMESPACE, "--kill-child", *command, *args],
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **(env or {})},
+            )
+        if wait:
+            starts = self.starts
+            assert wait_for(lambda: self.count_lines("with the ") >= starts, 30), tail(self)
+
+
+def test_same_node_id_in_two_pid_namespaces_is_refused(tmp_path: Path) -> None:
+    """Two containers, each daemon PID 1, sharing the archive, with one node_id."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("PID namespaces need root and util-linux unshare")
+    probe = subprocess.run(
+        [*PID_NAMESPACE, sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0 or probe.stdout.strip() != "1":
+        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.strip()}")
+    shared = {"archive": tmp_path / "archive", "quarantine": tmp_path / "quarantine"}
+    first = NamespacedDaemon(tmp_path, "one", node_id="a", inbox=tmp_path / "inbox1", **shared)
+    second = NamespacedDaemon(tmp_path, "two", node_id="a", inbox=tmp_path / "inbox2", **shared)
+    try:
+        first.inbox.mkdir()
+        second.inbox.mkdir()
+        first.start()
+        (first.inbox / "x.dcm").write_bytes(dicom(1))
+        assert wait_for(lambda: len(archived(first.archive)) == 1, 20), tail(first)
+        second.start(wait=False)
+        assert second.wait_exit(30) == 78, tail(second)
+        assert second.count_lines("another dicomwatch with node_id 'a' is running") == 1
+        assert second.count_lines("Traceback") == 0, tail(second)
+        assert first.proc is not None and first.proc.poll() is None
+    finally:
+        second.ensure_stopped()
+        first.ensure_stopped()
 
 
 # ----- 10. the inbox deleted or renamed under a running daemon ------------------------------

@@ -67,7 +67,9 @@ NODES_DIR = "nodes"
 NODE_LOCK_WAIT_SECONDS = 10.0
 """How long a busy node lock may be another node returning our claims, not a twin."""
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_FOLDER_MODE = 0o750
+_FOLDER_MODE = 0o700
+"""dicomwatch's folders in the inbox: nobody else needs to read them, and a sender who
+could open a lock file could hold its ``flock`` and keep the daemon from starting."""
 _EMPTY_LIMIT = 10_000
 """Empty folders remembered at once for tidying (bounded memory for hostile inboxes)."""
 
@@ -136,6 +138,7 @@ class Claims:
         self._archive_lock: int | None = None
         self._fd_lock = threading.Lock()
         self._closing = False
+        self._tidy_abort = False
         self._refusal: str | None = None
         self._warned_proc = False
         self._clock = clock
@@ -255,9 +258,10 @@ class Claims:
                     "Look at what is in it, move it out of the inbox (dicomwatch makes a "
                     "new one) and start again"
                 )
-            if st.st_mode & 0o022:
-                os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o022)
-                log.warning("%s was writable by group or others; it no longer is", label)
+            if st.st_mode & 0o077:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o077)
+                if st.st_mode & 0o022:
+                    log.warning("%s was writable by group or others; it no longer is", label)
         except BaseException:
             os.close(fd)
             raise
@@ -295,13 +299,16 @@ class Claims:
         waited = False
         while True:
             try:
-                fd = os.open(name, _LOCK_FLAGS, 0o640, dir_fd=root)
+                fd = os.open(name, _LOCK_FLAGS, 0o600, dir_fd=root)
             except OSError as exc:
                 label = self.root / name
                 raise ConfigError(f"cannot open the node lock {label}: {exc.strerror}") from exc
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
                 os.close(fd)
                 raise ConfigError(f"the node lock {self.root / name} is not a regular file")
+            if mode & 0o077:
+                os.fchmod(fd, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
@@ -354,7 +361,9 @@ class Claims:
                 here = os.stat(INTERNAL_DIR, dir_fd=folders.inbox, follow_symlinks=False)
                 if _identity(here) == folders.internal_id:
                     return folders
+        self._tidy_abort = True  # a long tidying pass must not hold up the claims
         with self._fd_lock:
+            self._tidy_abort = False
             try:
                 new = self._open_folders(wait=False)
             except ConfigError as exc:
@@ -620,7 +629,7 @@ class Claims:
         self, fd: int, where: tuple[str, tuple[str, ...]], run: _Pass, *, skip: str | None
     ) -> bool:
         """Tidy the folders below ``fd``; True if ``fd``'s folder is empty afterwards."""
-        if self._closing:
+        if self._closing or self._tidy_abort:
             return False
         tree, parts = where
         empty = True

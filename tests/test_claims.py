@@ -234,13 +234,21 @@ def test_internal_folder_of_another_user_is_refused(inbox: Path, level: str) -> 
     claims.unlock()
 
 
-def test_group_or_world_writable_internal_folders_are_closed(inbox: Path) -> None:
+def test_internal_folders_are_closed_to_group_and_others(inbox: Path) -> None:
+    """Senders share the inbox's group: they must not write dicomwatch's folders, nor
+    open its lock file (holding its flock would keep the daemon from starting)."""
     (inbox / INTERNAL_DIR / "claims").mkdir(parents=True)
     (inbox / INTERNAL_DIR).chmod(0o777)
     (inbox / INTERNAL_DIR / "claims").chmod(0o775)
+    (inbox / INTERNAL_DIR / "claims" / "n.lock").touch(0o644)
     claims = locked(inbox)
     try:
-        assert (inbox / INTERNAL_DIR).stat().st_mode & 0o022 == 0
-        assert (inbox / INTERNAL_DIR / "claims").stat().st_mode & 0o022 == 0
+        for path in (
+            inbox / INTERNAL_DIR,
+            inbox / INTERNAL_DIR / "claims",
+            inbox / INTERNAL_DIR / "claims" / "n",
+            inbox / INTERNAL_DIR / "claims" / "n.lock",
+        ):
+            assert path.stat().st_mode & 0o077 == 0, path
     finally:
         claims.unlock()

@@ -402,13 +402,15 @@ class Claims:
             return "later"
         *above, name = parts
         try:
-            src = dirfd.open_below(folders.inbox, above)
+            src = self._source_folder(folders, above)
         except OSError as exc:
             if exc.errno == errno.ENOTDIR:
                 log.warning("not claiming %s: a folder on its way is not a folder now", path)
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
                 return "gone"
             raise
+        if src is None:
+            return "gone"
         try:
             try:
                 st = os.stat(name, dir_fd=src, follow_symlinks=False)
@@ -434,6 +436,21 @@ class Claims:
         self.claimed.add(claim)
         self._where[claim] = (folders, parts)
         return Task(path=claim, source=path, remove_source=True, rel_source=rel)
+
+    def _source_folder(self, folders: _Folders, above: list[str]) -> int | None:
+        """The open folder of a file to claim; None if it is inside a ``.dicomwatch`` of
+        ours that was renamed (a sender may give it a name the scans do not skip): our
+        own claims and lock files are never claimed again as inbox files."""
+        if not above:
+            return dirfd.open_below(folders.inbox, ())
+        top = dirfd.open_dir_at(folders.inbox, above[0])
+        try:
+            ours = {f.internal_id for f in (folders, *self._retired)}
+            if _identity(os.fstat(top)) in ours:
+                return None
+            return dirfd.open_below(top, above[1:])
+        finally:
+            os.close(top)
 
     def release(self, task: Task) -> None:
         """The claimed file was filed (or vanished): it is no longer ours to track."""

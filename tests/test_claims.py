@@ -198,6 +198,29 @@ def test_nothing_is_claimed_from_inside_the_internal_folder(inbox: Path) -> None
         claims.unlock()
 
 
+def test_a_renamed_internal_folder_is_never_claimed_from(inbox: Path) -> None:
+    """A sender renames ``.dicomwatch`` to a name the scans do not skip: the claims and
+    the lock file in it stay the daemon's, never claimed again as inbox files."""
+    claims = locked(inbox)
+    try:
+        (inbox / "s").mkdir()
+        (inbox / "s" / "x.dcm").write_bytes(b"x")
+        task = claims.claim(str(inbox / "s" / "x.dcm"))
+        assert isinstance(task, Task)
+        (inbox / INTERNAL_DIR).rename(inbox / "old")
+        (inbox / "y.dcm").write_bytes(b"y")
+        assert isinstance(claims.claim(str(inbox / "y.dcm")), Task)  # into a new folder
+        moved = inbox / "old" / "claims" / "n"
+        assert claims.claim(str(moved / "s" / "x.dcm")) == "gone"
+        assert claims.claim(str(inbox / "old" / "claims" / "n.lock")) == "gone"
+        assert (moved / "s" / "x.dcm").read_bytes() == b"x"
+        with open(task.path, "rb") as fh:  # the worker still finds it where it went
+            assert fh.read() == b"x"
+        assert (inbox / INTERNAL_DIR / "claims" / "n" / "y.dcm").read_bytes() == b"y"
+    finally:
+        claims.unlock()
+
+
 # ----- the internal folder must be the service user's own folder --------------------------
 
 

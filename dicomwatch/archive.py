@@ -213,7 +213,9 @@ _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 
-def _renameat2_noreplace(src: str, dst: str) -> bool | None:
+def _renameat2_noreplace(
+    src: str, dst: str, src_dir_fd: int = _AT_FDCWD, dst_dir_fd: int = _AT_FDCWD
+) -> bool | None:
     """``renameat2(..., RENAME_NOREPLACE)``: True if renamed, None if unsupported here."""
     global _libc
     if _libc is None:
@@ -225,7 +227,7 @@ def _renameat2_noreplace(src: str, dst: str) -> bool | None:
     if _libc is False:
         return None
     rc = _libc.renameat2(
-        _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE
+        src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE
     )
     if rc == 0:
         return True
@@ -238,24 +240,40 @@ def _renameat2_noreplace(src: str, dst: str) -> bool | None:
 _libc: Any = None  # ctypes.CDLL once probed, False where renameat2 is missing
 
 
-def move_noreplace(src: str, dst: str) -> None:
+def move_noreplace(
+    src: str, dst: str, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None
+) -> None:
     """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError then).
 
     ``renameat2(RENAME_NOREPLACE)`` where the filesystem has it; otherwise a hard link
     and unlink, which also never replaces; and where hard links are refused (a file we
     do not own under ``fs.protected_hardlinks``), a checked rename.  Only that last
     fallback has a window in which a file arriving at ``dst`` could be replaced.
+
+    With ``src_dir_fd``/``dst_dir_fd`` the names are relative to those open folders
+    (the ``*at`` calls), so nothing above them is looked up again: pass plain names
+    and folders opened with ``O_NOFOLLOW`` to be sure no symlink is followed.
     """
-    if _renameat2_noreplace(src, dst):
+    src_at = _AT_FDCWD if src_dir_fd is None else src_dir_fd
+    dst_at = _AT_FDCWD if dst_dir_fd is None else dst_dir_fd
+    if _renameat2_noreplace(src, dst, src_at, dst_at):
         return
     try:
-        os.link(src, dst)
+        os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
     except PermissionError:
-        if os.path.lexists(dst):
+        if os.path.lexists(dst) if dst_dir_fd is None else _lexists_at(dst_dir_fd, dst):
             raise FileExistsError(errno.EEXIST, "file exists", dst) from None
-        os.rename(src, dst)
+        os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         return
-    os.unlink(src)
+    os.unlink(src, dir_fd=src_dir_fd)
+
+
+def _lexists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class StagingOwner:
@@ -297,26 +315,55 @@ def abandoned_locks(base: Path, *, skip: str | None = None) -> Iterator[Path]:
     caller's loop body is done, so no new owner can start on that name meanwhile.
     """
     try:
-        locks = sorted(p for p in base.iterdir() if p.name.endswith(".lock"))
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         return
-    for lock in locks:
-        if skip is not None and lock.name == f"{skip}.lock":
+    try:
+        for name in abandoned_locks_at(fd, skip=skip):
+            yield base / name
+    finally:
+        os.close(fd)
+
+
+_LOCK_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def abandoned_locks_at(dir_fd: int, *, skip: str | None = None) -> Iterator[str]:
+    """:func:`abandoned_locks` in the open folder ``dir_fd``: yields lock file names.
+
+    Lock files are opened relative to the folder and never through a symlink, so a
+    link named ``x.lock`` cannot make us lock (or the caller remove) a file elsewhere.
+    """
+    with os.scandir(dir_fd) as entries:
+        locks = sorted(e.name for e in entries if e.name.endswith(".lock"))
+    for name in locks:
+        if skip is not None and name == f"{skip}.lock":
             continue
         try:
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
-            continue
+            fd = os.open(name, _LOCK_FLAGS, dir_fd=dir_fd)
+        except OSError:
+            continue  # gone, a symlink (ELOOP), or nothing we may open
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
-            if not _still_linked(fd, lock):
+            if not _still_linked_at(fd, dir_fd, name):
                 continue  # released and taken again since we opened it: a live owner
-            yield lock
+            yield name
         finally:
             os.close(fd)
+
+
+def _still_linked_at(fd: int, dir_fd: int, name: str) -> bool:
+    try:
+        named = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def clean_stale_staging(root: Path) -> int:

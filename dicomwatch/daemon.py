@@ -92,7 +92,7 @@ class Daemon:
         self.node = cfg.effective_node_id
         self.notifier = notifier or Notifier()
         self.signals = Signals()
-        self.claims = Claims(cfg.inbox, self.node)
+        self.claims = Claims(cfg.inbox, self.node, archive=cfg.archive, clock=clock)
         self.retries = Retries(clock, RetryPolicy.from_config(cfg))
         self.counters = Counters(clock)
         self.sinks = Sinks([LogSink(), self.counters])

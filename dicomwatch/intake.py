@@ -99,6 +99,7 @@ class Intake:
         self._scan_found = 0
         self._rescan_wanted = False
         self._noted_special: set[str] = set()
+        self._inbox_gone = False
         self.initial_scan_done = False
         self.rescan_timer = Every("rescan", cfg.rescan_seconds, self._rescan)
         self.observer_timer = Every("observer", OBSERVER_CHECK_SECONDS, self._keep_watching)
@@ -257,20 +258,57 @@ class Intake:
         return True
 
     def _keep_watching(self, _now: float) -> None:
-        """watchdog can stop watching without an error (an inbox that read as missing
-        during a network outage): start a new observer and rescan."""
-        if self.watcher is None or self.watcher.alive:
+        """Keep a live observer on the folder the inbox's name leads to now.
+
+        watchdog can stop watching without an error (an inbox that read as missing
+        during a network outage, or was deleted), and an inotify watch on a *renamed*
+        inbox carries on watching the old folder under its new name.  Either way events
+        for the inbox stop until the next rescan, which may be many minutes away.  So,
+        once a second: while the inbox is missing, wait for it (one warning); when its
+        name leads to a new folder (made again) or the observer died, start a new
+        observer and rescan at once.
+        """
+        if self.once:
             return
-        log.warning("the %s observer stopped; starting a new one", self.watcher.kind)
+        current = self.watcher
+        if current is not None and current.alive:
+            return
+        inbox = self.cfg.inbox
+        if not os.path.isdir(inbox):
+            if not self._inbox_gone:
+                log.warning(
+                    "the inbox %s is gone (deleted, renamed or unmounted); files are "
+                    "taken again once it is back",
+                    inbox,
+                )
+                self._inbox_gone = True
+            if current is not None:
+                current.stop()
+                self.watcher = None
+            return
+        if self._inbox_gone or (current is not None and current.replaced):
+            log.warning(
+                "the inbox %s is a new folder (the old one was deleted or renamed); "
+                "watching the new one and rescanning",
+                inbox,
+            )
+        elif current is None:
+            return  # could not watch since a reload; the rescans carry on
+        else:
+            log.warning("the %s observer stopped; starting a new one", current.kind)
+        self._inbox_gone = False
         self._restart_watcher()
 
     def _restart_watcher(self) -> None:
         """A new watcher from the current settings, and a rescan for what it missed."""
-        assert self.watcher is not None
-        self.watcher.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         self.watcher = self._new_watcher()
         try:
             self.watcher.start()
+        except FileNotFoundError:
+            self.watcher = None
+            self._inbox_gone = True  # gone again already: try once it is back
         except OSError as exc:
             log.error("cannot watch %s (%s); relying on rescans", self.cfg.inbox, exc)
             self.watcher = None

@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import re
+import stat
 import threading
 import types
 import warnings
@@ -49,6 +50,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
+from dicomwatch import dirfd
 from dicomwatch.config import DEFAULT_IGNORE, INTERNAL_DIR, ObserverKind
 from dicomwatch.settle import special_kind
 
@@ -130,7 +132,10 @@ def scan(
     ``"socket"``, ``"device"`` (or ``"other"``), so the caller can log special files
     instead of silently skipping them.  Special files are never opened (opening a FIFO
     blocks forever) and symlinks are never followed, not even to directories: a link to
-    ``/`` must not make the daemon file the whole machine.
+    ``/`` must not make the daemon file the whole machine.  Nor is a folder that was
+    swapped for a symlink after it was listed: every folder is opened relative to its
+    parent with ``O_NOFOLLOW`` (:mod:`dicomwatch.dirfd`), never by its path string.
+    Folders more than :data:`~dicomwatch.dirfd.MAX_DEPTH` levels down are not entered.
 
     Streaming on purpose: entries are yielded while each directory is being read, and
     only the not-yet-visited sub-directory paths are held in memory, so a flat inbox
@@ -151,31 +156,65 @@ def scan(
     unreadable ``under`` yields nothing.
     """
     root = os.path.abspath(inbox)
-    regex = _compile_patterns(tuple(patterns))
-    if under is None:
-        start = root
-    else:
-        start = os.path.abspath(under)
-        rel = os.path.relpath(start, root)
+    start: tuple[str, ...] = ()
+    if under is not None:
+        rel = os.path.relpath(os.path.abspath(under), root)
         if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
             raise ValueError(f"{os.fspath(under)!r} is not inside the inbox {root!r}")
-        if rel != os.curdir and (_is_internal(rel) or is_ignored(rel, patterns)):
-            return
+        if rel != os.curdir:
+            if _is_internal(rel) or is_ignored(rel, patterns):
+                return
+            start = tuple(_split(rel))
+    try:
+        # Only the inbox itself may be a symlink: it is configured that way.
+        root_fd = _open_dir(root, follow=True)
+    except OSError:
+        if under is None:
+            raise
+        return
+    try:
+        for parts, kind in walk_at(root_fd, patterns, label=root, start=start, top_internal=True):
+            yield os.path.join(root, *parts), kind
+    finally:
+        os.close(root_fd)
+
+
+def walk_at(
+    root_fd: int,
+    patterns: Sequence[str] = (),
+    *,
+    label: str,
+    start: tuple[str, ...] = (),
+    top_internal: bool = False,
+) -> Iterator[tuple[tuple[str, ...], str]]:
+    """:func:`scan` below the open folder ``root_fd``: yields ``(parts, kind)``.
+
+    ``parts`` are the path components below ``root_fd``.  Each folder is reached by
+    :func:`~dicomwatch.dirfd.open_below` from ``root_fd``, so nothing is followed even
+    if a folder is swapped for a symlink during the walk.  ``label`` names ``root_fd``
+    in log messages; ``top_internal`` skips :data:`INTERNAL_DIR` at the top level.
+    """
+    regex = _compile_patterns(tuple(patterns))
     pending = [start]
+    warned_deep = False
     while pending:
-        directory = pending.pop()
-        is_inbox = directory == root
+        parts = pending.pop()
         try:
-            # Only the inbox itself may be a symlink (it is configured that way); any
-            # other folder is opened with O_NOFOLLOW, so one swapped for a link after it
-            # was listed, or an ``under`` that is a link, is never followed.
-            fd = _open_dir(directory, follow=is_inbox)
+            fd = dirfd.open_below(root_fd, parts)
         except OSError as exc:
-            if is_inbox and under is None:
-                raise
             if isinstance(exc, FileNotFoundError | NotADirectoryError) or exc.errno == errno.ELOOP:
                 continue  # removed, or replaced by a file or a symlink, since it was listed
-            log.warning("scan: skipping unreadable folder %r: %s", directory, exc)
+            where = os.path.join(label, *parts)
+            if exc.errno == errno.ENAMETOOLONG:
+                if not warned_deep:
+                    log.warning(
+                        "scan: not entering %r: more than %d folders deep",
+                        where,
+                        dirfd.MAX_DEPTH,
+                    )
+                    warned_deep = True
+                continue
+            log.warning("scan: skipping unreadable folder %r: %s", where, exc)
             continue
         try:
             with os.scandir(fd) as entries:
@@ -185,21 +224,24 @@ def scan(
                     except StopIteration:
                         break
                     except OSError as exc:  # e.g. EIO/ESTALE while reading a network share
-                        log.warning("scan: error while reading folder %r: %s", directory, exc)
+                        log.warning(
+                            "scan: error while reading folder %r: %s",
+                            os.path.join(label, *parts),
+                            exc,
+                        )
                         break
                     name = entry.name
-                    if (is_inbox and name == INTERNAL_DIR) or (
+                    if (top_internal and not parts and name == INTERNAL_DIR) or (
                         regex is not None and regex.match(name)
                     ):
                         continue
-                    path = os.path.join(directory, name)
-                    kind = _entry_kind(entry, path)
+                    kind = _entry_kind(entry, parts, name)
                     if kind is None:
                         continue
                     if kind == "directory":
-                        pending.append(path)
+                        pending.append((*parts, name))
                     else:
-                        yield path, kind
+                        yield (*parts, name), kind
         finally:
             os.close(fd)
 
@@ -211,7 +253,7 @@ def _open_dir(path: str, *, follow: bool) -> int:
     return os.open(path, flags)
 
 
-def _entry_kind(entry: os.DirEntry[str], path: str) -> str | None:
+def _entry_kind(entry: os.DirEntry[str], parts: tuple[str, ...], name: str) -> str | None:
     """Classify without following links; ``None`` if the entry vanished meanwhile.
 
     ``is_symlink``/``is_dir``/``is_file`` come free from ``d_type`` on most file
@@ -228,7 +270,7 @@ def _entry_kind(entry: os.DirEntry[str], path: str) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.debug("scan: cannot classify %r: %s", path, exc)
+        log.debug("scan: cannot classify %r: %s", os.path.join(*parts, name), exc)
         return None
     return special_kind(mode) or "file"
 
@@ -357,6 +399,7 @@ class InboxWatcher:
         self._dirs: OrderedDict[str, None] = OrderedDict()
         self._overflow = False
         self._observer: BaseObserver | None = None
+        self._watched_id: tuple[int, int] | None = None
         self._kind = "stopped"
         self.events_seen = 0
         """Relevant events received (after filtering), including dropped ones."""
@@ -380,14 +423,18 @@ class InboxWatcher:
 
     @property
     def alive(self) -> bool:
-        """True while the observer and its emitter threads all run.
+        """True while the observer and its emitter threads all run, on the inbox.
 
-        watchdog stops an emitter silently when the inbox itself is deleted or (polling)
-        reads as missing, e.g. during a network share outage; the daemon can check this
-        and restart the watcher instead of relying on scans alone.
+        watchdog stops an emitter silently when the inbox itself is deleted (inotify's
+        ``IN_DELETE_SELF``) or (polling) reads as missing, e.g. during a network share
+        outage.  A *renamed* inbox stops nothing: an inotify watch follows the folder,
+        not its name, and watchdog does not listen for ``IN_MOVE_SELF``, so events of
+        ``inbox.old`` would keep arriving under the inbox's name while the new folder at
+        that name is not watched.  So :attr:`replaced` counts as not alive too; the
+        daemon checks this and starts a new watcher instead of relying on scans alone.
         """
         observer = self._observer
-        if observer is None or not observer.is_alive():
+        if observer is None or not observer.is_alive() or self.replaced:
             return False
         try:
             emitters = tuple(observer.emitters)
@@ -400,6 +447,15 @@ class InboxWatcher:
         reader = getattr(observer, "_inotify_fd", None)
         return not isinstance(reader, threading.Thread) or reader.is_alive()
 
+    @property
+    def replaced(self) -> bool:
+        """True once the inbox's name no longer leads to the folder being watched: it was
+        deleted or renamed (and perhaps made again), or is missing (a lost mount)."""
+        watched = self._watched_id
+        if watched is None:
+            return False
+        return _identity(self._inbox) != watched
+
     def start(self) -> None:
         """Start watching.  Raises ``FileNotFoundError`` if the inbox is not a folder.
 
@@ -411,7 +467,8 @@ class InboxWatcher:
         if self._observer is not None:
             raise RuntimeError("InboxWatcher already started")
         _silence_benign_watchdog_warnings()
-        if not os.path.isdir(self._watched):
+        watched_id = _identity(self._watched)
+        if watched_id is None:
             raise FileNotFoundError(errno.ENOENT, "inbox is not a folder", self._inbox)
         if self._mode == "polling":
             observer = self._start_observer(self._new_polling)
@@ -430,6 +487,7 @@ class InboxWatcher:
                 )
                 observer = self._start_observer(self._new_polling)
         self._observer = observer
+        self._watched_id = watched_id
         self._kind = _observer_kind(observer)
         if self._mode != "polling" and self._kind == "polling":
             log.warning("no native file event support on this platform; polling %s", self._inbox)
@@ -629,6 +687,15 @@ class InboxWatcher:
         if fd is not None:
             with contextlib.suppress(OSError):  # full pipe: a wake-up is already there
                 os.write(fd, b"w")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the folder ``path`` leads to, or None if it leads to none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _silence_benign_watchdog_warnings() -> None:

@@ -372,6 +372,20 @@ def test_alive_until_the_inbox_disappears(
     wait_until(lambda: not w.alive, "the watcher to notice the inbox is gone")
 
 
+@pytest.mark.parametrize("mode", OBSERVERS)
+def test_not_alive_once_the_inbox_is_renamed(
+    start_watcher: Callable[..., InboxWatcher], inbox: Path, tmp_path: Path, mode: str
+) -> None:
+    """inotify keeps watching a renamed folder, and watchdog sends nothing for it: the
+    watcher must still say it no longer watches the inbox, renamed or made again."""
+    w = start_watcher(mode)
+    assert w.alive is True and w.replaced is False
+    inbox.rename(tmp_path / "inbox.old")
+    assert w.alive is False and w.replaced is True
+    inbox.mkdir()
+    assert w.alive is False and w.replaced is True
+
+
 def test_stop_is_idempotent_and_releases_threads(inbox: Path) -> None:
     before = threading.active_count()
     for mode in ALL_MODES:
@@ -639,6 +653,35 @@ def test_scan_tolerates_entries_vanishing_midway(inbox: Path) -> None:
     rest = list(it)
     assert first[1] == "file"
     assert rest == []  # lazy: the other folders were listed, then vanished, no error
+
+
+def test_scan_never_follows_a_folder_swapped_for_a_symlink_mid_scan(
+    inbox: Path, tmp_path: Path
+) -> None:
+    """``a`` is listed, then swapped for a link to an outside folder with a ``b`` of its
+    own before ``a/b`` is entered: the scan must not list the outside ``b``."""
+    outside = tmp_path / "outside"
+    write(outside / "b" / "secret.dcm")
+    first = write(inbox / "a" / "first.dcm")
+    write(inbox / "a" / "b" / "inside.dcm")
+    it = scan(inbox, DEFAULT_IGNORE)
+    assert next(it) == (str(first), "file")  # ``a`` read; ``a/b`` waits to be entered
+    (inbox / "a").rename(inbox / ".old")
+    (inbox / "a").symlink_to(outside)
+    rest = dict(it)
+    assert str(inbox / "a" / "b" / "secret.dcm") not in rest
+    assert rest == {}
+
+
+def test_scan_does_not_enter_folders_nested_too_deep(
+    inbox: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    deep = inbox.joinpath(*(["d"] * watcher_mod.dirfd.MAX_DEPTH))
+    ok = write(deep / "ok.dcm")
+    write(deep / "d" / "too_deep.dcm")
+    with caplog.at_level(logging.WARNING, logger="dicomwatch.watcher"):
+        assert scanned(inbox) == {str(ok): "file"}
+    assert caplog.text.count("folders deep") == 1
 
 
 def test_scan_of_a_missing_inbox_raises(tmp_path: Path) -> None:

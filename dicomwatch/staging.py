@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,5 +77,9 @@ class Staging:
 
 
 def owner_name(cfg: Config, role: str) -> str:
-    """A staging owner name unique to this process, readable in a directory listing."""
-    return f"{cfg.effective_node_id}.{role}.{os.getpid()}"
+    """A staging owner name unique to this process, readable in a directory listing.
+
+    The pid alone is not unique: two containers sharing one archive both run as pid 1,
+    so a short random token follows it.
+    """
+    return f"{cfg.effective_node_id}.{role}.{os.getpid()}.{secrets.token_hex(3)}"

@@ -50,3 +50,19 @@ def test_removed_staging_folder_is_made_again(tmp_path: Path) -> None:
         assert list(owner.path.iterdir()) == []
     finally:
         owner.release()
+
+
+def test_staging_owner_names_differ_even_for_one_pid(tmp_path: Path) -> None:
+    """Two containers sharing one archive both run dicomwatch as pid 1: the pid alone
+    would give both the same staging folder, and the second would refuse to start."""
+    from dicomwatch.archive import StagingOwner
+    from dicomwatch.config import Config
+    from dicomwatch.staging import owner_name
+
+    cfg = Config(node_id="n")
+    first, second = owner_name(cfg, "sort"), owner_name(cfg, "sort")
+    assert first != second and first.startswith(f"n.sort.{os.getpid()}.")
+    held = [StagingOwner(tmp_path, first), StagingOwner(tmp_path, second)]
+    assert held[0].path != held[1].path
+    for owner in held:
+        owner.release()

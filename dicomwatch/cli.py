@@ -82,6 +82,12 @@ def _add_sort(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", type=Path, metavar="FILE")
+    check.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing when the config is good (the error and exit 78 when not)",
+    )
     check.set_defaults(func=_cmd_check_config)
 
 
@@ -138,7 +144,8 @@ def _cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
         prepare_folders(cfg, create=False)
     except ConfigError as exc:
         return _config_error(exc)
-    sys.stdout.write(render_yaml(cfg))
+    if not args.quiet:
+        sys.stdout.write(render_yaml(cfg))
     return EXIT_OK
 
 

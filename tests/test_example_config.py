@@ -51,3 +51,29 @@ def test_check_config_refuses_overlapping_folders(tmp_path: Path) -> None:
     )
     assert out.returncode == 78
     assert "inside archive" in out.stderr
+
+
+def check_config(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomwatch", "check-config", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_check_config_quiet_prints_nothing_for_a_good_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("settle_seconds: 3\n")
+    out = check_config("--quiet", "--config", str(cfg), cwd=tmp_path)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+
+
+def test_check_config_quiet_still_names_the_problem(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("setle_seconds: 3\n")
+    out = check_config("-q", "--config", str(cfg), cwd=tmp_path)
+    assert out.returncode == 78
+    assert out.stdout == ""
+    assert "setle_seconds" in out.stderr and "did you mean 'settle_seconds'" in out.stderr

@@ -343,3 +343,62 @@ def test_reload_of_a_good_config_signals_the_daemon(
     codes, seen = run_reload(service, config)
     assert codes == [0, 0]
     assert seen == "hup"
+
+
+# ----- docs/SYSTEMD.md ---------------------------------------------------------------
+
+GUIDE = SYSTEMD_DIR.parent / "docs" / "SYSTEMD.md"
+CHECKOUT = "/path/to/dicomwatch"
+
+
+def guide_install_commands() -> list[str]:
+    """The ``install ...`` lines of the guide's fenced shell blocks, in order."""
+    commands: list[str] = []
+    shell = False
+    for line in GUIDE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            shell = not shell and line[3:].strip() in ("sh", "shell", "bash", "console")
+            continue
+        if shell and line.startswith("install "):
+            commands.append(line)
+    return commands
+
+
+def test_guide_install_commands_work_on_an_empty_root(tmp_path: Path) -> None:
+    """Every ``install`` line of docs/SYSTEMD.md, run against an empty root.
+
+    Debian 12 has no /etc/sysusers.d, and a fresh host may lack others: each command must
+    make its target folder itself.  ``/etc/`` and ``/usr/`` are moved below a temporary
+    root (``DESTDIR``-style) and the checkout is this one.  ``-o``/``-g`` are dropped:
+    the account they name is made by an earlier step, not on this machine.
+    """
+    commands = guide_install_commands()
+    assert len(commands) >= 4, commands
+    root = tmp_path / "root"
+    root.mkdir()
+    repo = SYSTEMD_DIR.parent
+    installed: list[tuple[Path, int]] = []
+    for command in commands:
+        text = command.replace(CHECKOUT, str(repo))
+        text = text.replace(" /etc/", f" {root}/etc/").replace(" /usr/", f" {root}/usr/")
+        argv = shlex.split(text)
+        kept: list[str] = []
+        skip = False
+        for arg in argv:
+            if skip:
+                skip = False
+            elif arg in ("-o", "-g"):
+                skip = True
+            else:
+                kept.append(arg)
+        proc = subprocess.run(kept, cwd=repo, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"{command}\n{proc.stderr}"
+        dest = Path(kept[-1])
+        assert root in dest.parents, f"{command} installs outside /etc and /usr"
+        mode = int(kept[kept.index("-m") + 1], 8)
+        installed.append((dest, mode))
+    for dest, mode in installed:
+        assert dest.is_file(), dest
+        assert dest.stat().st_mode & 0o7777 == mode, dest
+    assert (root / "etc/sysusers.d/dicomwatch.conf").read_bytes() == SYSUSERS.read_bytes()
+    assert (root / "etc/systemd/system/dicomwatch.service").read_bytes() == UNIT.read_bytes()

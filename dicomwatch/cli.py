@@ -135,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config_error(exc: ConfigError) -> int:
-    print(f"dicomwatch: configuration error: {exc}", file=sys.stderr)
+    """Each problem on its own line, each line whole (journald stores lines apart)."""
+    for line in str(exc).splitlines() or [""]:
+        print(f"dicomwatch: configuration error: {line}", file=sys.stderr)
     return EXIT_CONFIG
 
 

@@ -286,6 +286,86 @@ def test_invalid_yaml(cwd: Path, text: str) -> None:
         load_config(path)
     assert str(path) in str(info.value)
     assert "line" in str(info.value)  # the parser's position is kept for the reader
+    assert "<unicode string>" not in str(info.value)
+
+
+def test_invalid_yaml_names_the_file_and_line(cwd: Path) -> None:
+    path = write(cwd / "broken.yaml", "# folders\ninbox: in\narchive: [a, b\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 4, column 1: not valid YAML: ")
+    assert "flow sequence" in message and "line 3" in message  # where the list began
+
+
+def test_unprintable_character_names_the_file(cwd: Path) -> None:
+    path = write(cwd / "bell.yaml", "inbox: in\nnode_id: a\x07b\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert "<unicode string>" not in str(info.value)
+    assert "line 2" in str(info.value)
+
+
+def test_duplicate_keys_are_refused_with_both_lines(cwd: Path) -> None:
+    path = write(cwd / "dup.yaml", "inbox: in\narchive: a\n\ninbox: other\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: line 4: duplicate key 'inbox' (first on line 1; each key may appear once)"
+    )
+
+
+def test_duplicate_keys_inside_a_value_are_refused(cwd: Path) -> None:
+    path = write(cwd / "dup.yaml", "ignore: {a: 1, a: 2}\n")
+    with pytest.raises(ConfigError, match=r"line 1: duplicate key 'a'"):
+        load_config(path)
+
+
+def test_every_problem_is_reported_each_on_its_own_line(cwd: Path) -> None:
+    path = write(
+        cwd / "many.yaml",
+        "setle_seconds: 3\nworkers: two\nlog_format: xml\ninbox: x\ninbox: y\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 4, lines
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert "line 5: duplicate key 'inbox'" in lines[0]
+    assert "did you mean 'settle_seconds'" in lines[1]
+    assert "workers: expected a whole number" in lines[2]
+    assert "log_format" in lines[3]
+
+
+def test_relations_of_a_refused_value_are_not_checked(cwd: Path) -> None:
+    """A bad value is not replaced by its default for the checks between keys."""
+    path = write(cwd / "r.yaml", "retry_initial_seconds: soon\nretry_max_seconds: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: retry_initial_seconds: expected a number of seconds, got 'soon'"
+    )
+
+
+def test_every_relation_problem_is_reported(cwd: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(
+            {
+                "archive": "inbox/a",
+                "quarantine": "inbox/q",
+                "retry_initial_seconds": 10,
+                "retry_max_seconds": 5,
+                "node_id": "..",
+            },
+            source="c",
+        )
+    lines = str(info.value).splitlines()
+    assert len(lines) == 4, lines
+    assert any("archive" in line and "inside the inbox" in line for line in lines)
+    assert any("quarantine" in line and "inside the inbox" in line for line in lines)
+    assert any("retry_max_seconds" in line for line in lines)
+    assert any("node_id" in line for line in lines)
 
 
 @pytest.mark.parametrize("text", ["- inbox: x\n- archive: y\n", "just text\n", "42\n"])

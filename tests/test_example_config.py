@@ -77,3 +77,14 @@ def test_check_config_quiet_still_names_the_problem(tmp_path: Path) -> None:
     assert out.returncode == 78
     assert out.stdout == ""
     assert "setle_seconds" in out.stderr and "did you mean 'settle_seconds'" in out.stderr
+
+
+def test_check_config_prints_every_problem(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workers: two\nobserver: inotify\n")
+    out = check_config("--config", str(cfg), cwd=tmp_path)
+    assert out.returncode == 78
+    lines = out.stderr.splitlines()
+    assert len(lines) == 2, lines
+    assert all(line.startswith(f"dicomwatch: configuration error: {cfg}: ") for line in lines)
+    assert "workers" in lines[0] and "observer" in lines[1]

@@ -110,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config)
     overrides: dict[str, object] = {}
+    if args.command in ("run", "check-config") and args.config is None:
+        # The quick start: ./inbox, ./archive and ./quarantine appear on the first run
+        # (and check-config without a file checks that set-up).
+        overrides["create_folders"] = True
     if getattr(args, "log_format", None):
         overrides["log_format"] = args.log_format
     if getattr(args, "archive", None) is not None:

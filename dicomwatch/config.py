@@ -9,6 +9,7 @@ the systemd unit treats as "do not restart").  Nothing here is module-level stat
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import socket
@@ -32,6 +33,8 @@ DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*.partial", "*~")
 browser ``.part``/``.tmp``, editor backups).  They are renamed to the final name when
 complete, and that rename is what gets reported."""
 
+log = logging.getLogger(__name__)
+
 INTERNAL_DIR = ".dicomwatch"
 """dicomwatch's own folder inside the inbox (claims) and each output root (staging).
 Never reported or sorted, whatever the ignore patterns say, so a custom pattern list
@@ -40,12 +43,17 @@ cannot make the daemon eat its own files."""
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of dicomwatch; the defaults are the embedded no-config set-up."""
+    """Every setting of dicomwatch; the defaults are the embedded no-config set-up
+    (except ``create_folders``, which ``dicomwatch run`` without ``--config`` turns on)."""
 
     inbox: Path = Path("inbox")
     archive: Path = Path("archive")
     quarantine: Path = Path("quarantine")
     processed: Path = Path("processed")
+    create_folders: bool = False
+    """Make missing folders (with their parents) at start.  Off, a missing inbox is
+    refused: an unmounted share must not turn into an empty local folder that is
+    watched forever.  Output folders are then made only where their parent exists."""
     template: str = DEFAULT_TEMPLATE
     decompress: bool = True
     max_decoded_bytes: int = 4 * 1024**3
@@ -438,33 +446,85 @@ def load_config(path: Path | None) -> Config:
 def prepare_folders(cfg: Config, *, create: bool = True, include_inbox: bool = True) -> None:
     """Create the folders and prove they are writable before any file is touched.
 
-    Failing here (exit 78) is kinder than failing every file later with EACCES.
+    Failing here (exit 78) is kinder than failing every file later with EACCES.  What
+    may be created depends on ``create_folders``:
+
+    - true: any missing folder, with its parents;
+    - false: never the inbox (a missing inbox is usually an unmounted share or a typo,
+      and an empty local folder in its place would be watched forever with nothing
+      ever arriving), and an output folder only where its parent exists: a parent
+      that is there shows the place is the intended one (the folder that tmpfiles
+      or the share provides); a missing parent is the same warning sign as a missing
+      inbox.
+
+    Every folder is checked before any is created, and every problem is reported.
+    With ``create=False`` (check-config) nothing is created: the checks say whether
+    ``run`` would be able to.
     """
     keys = list(_PATH_KEYS[1:] if not include_inbox else _PATH_KEYS)
     if cfg.after_filing != "move" and "processed" in keys:
         keys.remove("processed")
+    problems: list[str] = []
+    missing: list[tuple[str, Path]] = []
     for key in keys:
         folder: Path = getattr(cfg, key)
-        if create:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"{key}: cannot create {folder}: {exc.strerror or exc}") from exc
-        elif not os.path.lexists(folder):
-            # check-config before the first run: fine if ``run`` will be able to create it.
-            parent = folder.parent
+        if os.path.lexists(folder):
+            if not folder.is_dir():
+                problems.append(f"{key}: cannot create {folder}: something else is in the way")
+            elif not os.access(folder, os.W_OK | os.X_OK):
+                problems.append(f"{key}: {folder} is not writable by this user")
+            continue
+        if key == "inbox" and not cfg.create_folders:
+            problems.append(
+                f"inbox: {folder} does not exist (is its share mounted?); create it, "
+                "or set create_folders: true to have dicomwatch create it"
+            )
+            continue
+        parent = folder.parent
+        if cfg.create_folders:
             while not os.path.lexists(parent) and parent != parent.parent:
                 parent = parent.parent
-            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(
-                    f"{key}: {folder} does not exist and cannot be created "
-                    f"({parent} is not a writable folder)"
-                )
+        elif not os.path.lexists(parent):
+            problems.append(
+                f"{key}: {folder} does not exist, nor does its parent {parent} (is its "
+                "share mounted?); create it, or set create_folders: true to have "
+                "dicomwatch create both"
+            )
             continue
-        if not folder.is_dir():
-            raise ConfigError(f"{key}: {folder} does not exist or is not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError(f"{key}: {folder} is not writable by this user")
+        if not create and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+            # check-config before the first run: fine if ``run`` will be able to create it.
+            problems.append(
+                f"{key}: {folder} does not exist and cannot be created "
+                f"({parent} is not a writable folder)"
+            )
+            continue
+        missing.append((key, folder))
+    if problems or not create:
+        _raise_lines(problems)
+        return
+    for key, folder in missing:
+        try:
+            folder.mkdir(parents=cfg.create_folders, exist_ok=True)
+        except OSError as exc:
+            problems.append(f"{key}: cannot create {folder}: {exc.strerror or exc}")
+            continue
+        # Asked for (create_folders: true), or not (a folder from a config file that
+        # was missing): the second is worth a look, so it is a warning.
+        log.log(
+            logging.INFO if cfg.create_folders else logging.WARNING,
+            "created the %s folder %s%s",
+            key,
+            folder,
+            " (create_folders: true)" if cfg.create_folders else " (its parent exists)",
+        )
+        if not os.access(folder, os.W_OK | os.X_OK):  # pragma: no cover - a hostile umask
+            problems.append(f"{key}: {folder} is not writable by this user")
+    _raise_lines(problems)
+
+
+def _raise_lines(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def render_yaml(cfg: Config) -> str:

@@ -508,10 +508,8 @@ def prepare_folders(cfg: Config, *, create: bool = True, include_inbox: bool = T
         except OSError as exc:
             problems.append(f"{key}: cannot create {folder}: {exc.strerror or exc}")
             continue
-        # Asked for (create_folders: true), or not (a folder from a config file that
-        # was missing): the second is worth a look, so it is a warning.
-        log.log(
-            logging.INFO if cfg.create_folders else logging.WARNING,
+        # INFO: making ./archive is what ``sort SRC --archive new`` is asked to do.
+        log.info(
             "created the %s folder %s%s",
             key,
             folder,

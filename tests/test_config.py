@@ -574,7 +574,7 @@ def test_outputs_are_made_where_their_parent_exists(
         prepare_folders(cfg)
     assert cfg.archive.is_dir() and cfg.quarantine.is_dir()
     made = [r for r in caplog.records if "created" in r.getMessage()]
-    assert [r.levelno for r in made] == [logging.WARNING, logging.WARNING]
+    assert [r.levelno for r in made] == [logging.INFO, logging.INFO]
     assert f"created the archive folder {cfg.archive}" in made[0].getMessage()
 
 

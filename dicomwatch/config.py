@@ -277,24 +277,11 @@ def _checked(
         # it names a folder: '.' or '..' would be the claims folder itself or its parent
         problems.append(f"node_id: {cfg.node_id!r} cannot name a folder")
 
-    suggest: Callable[[str], str | None] = _no_suggestion
-    if is_keyword is None:
-        from dicomwatch import dicomio
-
-        is_keyword = dicomio.is_known_keyword
-        suggest = dicomio.suggest_keyword
-
     if ok("template"):
         try:
-            compile_template(cfg.template, is_keyword=is_keyword)
+            check_template(cfg.template, is_keyword=is_keyword)
         except ConfigError as exc:
-            message = str(exc)
-            for word in _unknown_words(cfg.template, is_keyword):
-                better = suggest(word)
-                if better:
-                    message += f" (did you mean {better!r}?)"
-                    break
-            problems.append(f"template: {message}")
+            problems.append(f"template: {exc}")
 
     def absolute(path: Path) -> Path:
         return Path(os.path.abspath(path))
@@ -309,6 +296,26 @@ def _checked(
     if ok(*_PATH_KEYS, "after_filing"):
         problems += _folder_relation_problems(cfg)
     return cfg, problems
+
+
+def check_template(template: str, *, is_keyword: Callable[[str], bool] | None = None) -> None:
+    """Raise ConfigError if ``template`` would not render; an unknown keyword gets a hint."""
+    suggest: Callable[[str], str | None] = _no_suggestion
+    if is_keyword is None:
+        from dicomwatch import dicomio
+
+        is_keyword = dicomio.is_known_keyword
+        suggest = dicomio.suggest_keyword
+    try:
+        compile_template(template, is_keyword=is_keyword)
+    except ConfigError as exc:
+        message = str(exc)
+        for word in _unknown_words(template, is_keyword):
+            better = suggest(word)
+            if better:
+                message += f" (did you mean {better!r}?)"
+                break
+        raise ConfigError(message) from exc
 
 
 def _no_suggestion(_name: str) -> None:

@@ -350,6 +350,17 @@ def test_sort_skips_symlinks_and_fifos(tmp_path: Path, make_dicom: Callable[...,
     assert all(dcmread(f).PatientID != "SECRET" for f in files)
 
 
+def test_a_text_file_is_called_not_dicom(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "report.txt").write_text("Patient list\nDoe, John\n" * 20)
+    assert sort(src, "--archive", tmp_path / "archive") == 1
+    (sidecar,) = (tmp_path / "quarantine").rglob("*.reason.json")
+    data = json.loads(sidecar.read_text())
+    assert data["reason"] == "not_dicom"
+    assert data["error"].startswith("not a DICOM file: ")
+
+
 def test_summary_says_failed_like_the_result_lines(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import pwd
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -313,7 +316,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
         cfg = _load(args)
     except ConfigError as exc:
@@ -354,6 +359,7 @@ def _cmd_sort(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"dicomwatch sort: {src} is inside {out}", file=sys.stderr)
                 return EXIT_USAGE
     if not args.dry_run:
+        _warn_root_into_foreign_archive(cfg.archive, args.argv)
         try:
             prepare_folders(cfg, include_inbox=False)
         except ConfigError as exc:
@@ -364,6 +370,40 @@ def _cmd_sort(args: argparse.Namespace, cfg: Config) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted; files not yet filed are still in their source folders")
         return 130
+
+
+def _warn_root_into_foreign_archive(archive: Path, argv: Sequence[str]) -> None:
+    """``sort`` as root into an archive that another user (the service's) owns.
+
+    The folders and files made now belong to root, and the daemon, running as that
+    user, then fails with permission_denied on every file that goes into one of them.
+    Said once, at start; the command to run instead is spelled out.
+    """
+    if os.geteuid() != 0:
+        return
+    place = archive
+    while not os.path.lexists(place) and place != place.parent:
+        place = place.parent  # a missing archive is made in its parent, as root
+    try:
+        st = place.stat()
+    except OSError:
+        return  # prepare_folders reports it
+    if st.st_uid == 0:
+        return
+    command = shlex.join(["dicomwatch", *argv])
+    try:
+        name = pwd.getpwuid(st.st_uid).pw_name
+        as_owner = f"runuser -u {name} -- {command}"
+    except KeyError:  # an id without an account here (an NFS export's, say)
+        name = f"uid {st.st_uid}"
+        as_owner = f"setpriv --reuid={st.st_uid} --regid={st.st_gid} --clear-groups {command}"
+    what = "the archive" if place == archive else f"the archive's folder {place}"
+    log.warning(
+        "%s belongs to %s; folders made now will belong to root — run as that user: %s",
+        what,
+        name,
+        as_owner,
+    )
 
 
 def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:

@@ -3,6 +3,8 @@ real command (``python -m dicomwatch``) against real folders."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -184,3 +186,75 @@ def test_verbose_lists_every_codec(tmp_path: Path, src: Path) -> None:
     debug = [line for line in out.stderr.splitlines() if " DEBUG " in line]
     assert any("1.2.840.10008.1.2.4.80" in line for line in debug), debug  # JPEG-LS
     assert any("1.2.840.10008.1.2.5" in line for line in debug), debug  # RLE
+
+
+# ----- sort as root -----------------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (sort as root)")
+
+
+def _other_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' user to own the archive")
+
+
+@needs_root
+def test_sort_as_root_into_another_users_archive_warns_once(tmp_path: Path, src: Path) -> None:
+    owner = _other_user()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    os.chown(archive, owner.pw_uid, owner.pw_gid)
+    out = dicomwatch("sort", "--no-progress", src, "--archive", archive, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if "folders made now" in line]
+    assert len(warnings) == 1, out.stderr
+    assert (
+        f"the archive belongs to {owner.pw_name}; folders made now will belong to root "
+        f"— run as that user: runuser -u {owner.pw_name} -- dicomwatch sort "
+    ) in warnings[0]
+    assert " WARNING " in warnings[0]
+    # the folders it warned about: made by root, which the daemon could not write to
+    made = [p for p in archive.rglob("*") if p.is_dir() and ".dicomwatch" not in p.parts]
+    assert made and all(p.stat().st_uid == 0 for p in made)
+
+
+@needs_root
+def test_sort_as_root_into_roots_archive_or_a_dry_run_does_not_warn(
+    tmp_path: Path, src: Path
+) -> None:
+    out = dicomwatch("sort", "--no-progress", src, cwd=tmp_path)
+    assert "folders made now" not in out.stderr
+    owner = _other_user()
+    os.chown(tmp_path / "archive", owner.pw_uid, owner.pw_gid)
+    out = dicomwatch("sort", "--no-progress", "--dry-run", src, cwd=tmp_path)
+    assert "folders made now" not in out.stderr
+
+
+@needs_root
+def test_sort_as_root_warns_about_a_missing_archive_in_another_users_folder(
+    tmp_path: Path, src: Path
+) -> None:
+    owner = _other_user()
+    base = tmp_path / "srv"
+    base.mkdir()
+    os.chown(base, owner.pw_uid, owner.pw_gid)
+    out = dicomwatch("sort", "--no-progress", src, "--archive", base / "archive", cwd=tmp_path)
+    assert f"the archive's folder {base} belongs to {owner.pw_name}; folders made" in out.stderr
+
+
+@needs_root
+def test_sort_as_root_names_an_owner_without_an_account(tmp_path: Path, src: Path) -> None:
+    uid = 54321
+    try:
+        pwd.getpwuid(uid)
+        pytest.skip(f"uid {uid} has an account here")
+    except KeyError:
+        pass
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    os.chown(archive, uid, uid)
+    out = dicomwatch("sort", "--no-progress", src, "--archive", archive, cwd=tmp_path)
+    assert f"the archive belongs to uid {uid}; folders made now will belong to root" in out.stderr
+    assert f"setpriv --reuid={uid} --regid={uid} --clear-groups dicomwatch sort" in out.stderr

@@ -1,8 +1,9 @@
 """Command line: ``dicomwatch run``, ``dicomwatch sort``, ``dicomwatch check-config``.
 
 Exit statuses are part of the interface (the systemd unit and cron jobs read them):
-0 everything filed / clean stop, 1 something was quarantined or failed, 2 usage error,
-78 bad configuration (EX_CONFIG; the unit does not restart on it).
+0 everything filed / clean stop, 1 something was quarantined or failed, 2 usage error
+(a bad option value included), 78 bad configuration (EX_CONFIG; the unit does not
+restart on it), 130 interrupted (``sort`` on Ctrl-C, ``run`` on a second one).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ EXIT_OK = 0
 EXIT_FILES = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 log = logging.getLogger("dicomwatch")
 
@@ -369,7 +371,7 @@ def _cmd_sort(args: argparse.Namespace, cfg: Config) -> int:
         return run_sort(cfg, sources, move=args.move, dry_run=args.dry_run, progress=show)
     except KeyboardInterrupt:
         log.warning("interrupted; files not yet filed are still in their source folders")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _warn_root_into_foreign_archive(archive: Path, argv: Sequence[str]) -> None:

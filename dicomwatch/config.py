@@ -9,6 +9,7 @@ the systemd unit treats as "do not restart").  Nothing here is module-level stat
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import socket
@@ -32,6 +33,8 @@ DEFAULT_IGNORE: tuple[str, ...] = (".*", "*.part", "*.tmp", "*.partial", "*~")
 browser ``.part``/``.tmp``, editor backups).  They are renamed to the final name when
 complete, and that rename is what gets reported."""
 
+log = logging.getLogger(__name__)
+
 INTERNAL_DIR = ".dicomwatch"
 """dicomwatch's own folder inside the inbox (claims) and each output root (staging).
 Never reported or sorted, whatever the ignore patterns say, so a custom pattern list
@@ -40,12 +43,17 @@ cannot make the daemon eat its own files."""
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of dicomwatch; the defaults are the embedded no-config set-up."""
+    """Every setting of dicomwatch; the defaults are the embedded no-config set-up
+    (except ``create_folders``, which ``dicomwatch run`` without ``--config`` turns on)."""
 
     inbox: Path = Path("inbox")
     archive: Path = Path("archive")
     quarantine: Path = Path("quarantine")
     processed: Path = Path("processed")
+    create_folders: bool = False
+    """Make missing folders (with their parents) at start.  Off, a missing inbox is
+    refused: an unmounted share must not turn into an empty local folder that is
+    watched forever.  Output folders are then made only where their parent exists."""
     template: str = DEFAULT_TEMPLATE
     decompress: bool = True
     max_decoded_bytes: int = 4 * 1024**3
@@ -170,26 +178,48 @@ def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _raise_if(problems: list[str], source: str) -> None:
+    """One ConfigError for every problem found, each on its own line, naming the source."""
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+
+
 def config_from_mapping(raw: Mapping[str, Any], *, source: str = "config") -> Config:
-    """Build and validate a Config from parsed YAML; every problem names its key."""
+    """Build and validate a Config from parsed YAML; every problem names its key.
+
+    Every problem is reported, not only the first: one run of ``check-config`` lists
+    all that needs fixing.
+    """
+    cfg, problems = _from_mapping(raw, source)
+    _raise_if(problems, source)
+    assert cfg is not None
+    return cfg
+
+
+def _from_mapping(raw: Mapping[str, Any], source: str) -> tuple[Config | None, list[str]]:
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: the top level must be a mapping of key: value")
+        return None, ["the top level must be a mapping of key: value"]
     values: dict[str, Any] = {}
+    problems: list[str] = []
+    refused: set[str] = set()
     for key, value in raw.items():
         if not isinstance(key, str) or key not in _FIELDS:
             hint = _did_you_mean(str(key), list(_FIELDS))
-            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+            problems.append(f"unknown key {key!r}{hint}")
+            continue
         if key == "log_level" and isinstance(value, str):
             value = value.upper()  # logging's own names are upper-case; "info" means INFO
         try:
             values[key] = _coerce(key, value)
         except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from exc
+            problems.append(str(exc))
+            refused.add(key)
     try:
         cfg = Config(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the checks above
-        raise ConfigError(f"{source}: {exc}") from exc
-    return validate(cfg, source=source)
+        return None, [*problems, str(exc)]
+    cfg, more = _checked(cfg, source=source, refused=refused)
+    return cfg, problems + more
 
 
 def validate(
@@ -198,45 +228,60 @@ def validate(
     """Check relations between values and make folder paths absolute.
 
     Paths are made absolute once here, relative to the current directory at load time,
-    so nothing later depends on the working directory.
+    so nothing later depends on the working directory.  Every problem is reported, in
+    one ConfigError.
     """
+    cfg, problems = _checked(cfg, source=source, is_keyword=is_keyword)
+    _raise_if(problems, source)
+    return cfg
+
+
+def _checked(
+    cfg: Config,
+    *,
+    source: str,
+    refused: set[str] | frozenset[str] = frozenset(),
+    is_keyword: Callable[[str], bool] | None = None,
+) -> tuple[Config, list[str]]:
+    """``validate``'s checks, returning the problems.
+
+    Keys in ``refused`` already had a bad value (the default stands in for it here):
+    the checks that involve them are skipped, so that no problem is reported about a
+    value the file does not hold.
+    """
+    problems: list[str] = []
+
+    def ok(*keys: str) -> bool:
+        return not refused.intersection(keys)
+
     for key, choices in _CHOICES.items():
         value = getattr(cfg, key)
-        if value not in choices:
-            raise ConfigError(
-                f"{source}: {key}: {value!r} is not one of {', '.join(choices)}"
+        if ok(key) and value not in choices:
+            problems.append(
+                f"{key}: {value!r} is not one of {', '.join(choices)}"
                 f"{_did_you_mean(str(value), choices)}"
             )
     for key, (minimum, strict) in _MINIMUMS.items():
         value = getattr(cfg, key)
-        if value < minimum or (strict and value == minimum):
+        if ok(key) and (value < minimum or (strict and value == minimum)):
             rel = ">" if strict else ">="
-            raise ConfigError(f"{source}: {key}: must be {rel} {minimum}, got {value!r}")
-    if cfg.retry_max_seconds < cfg.retry_initial_seconds:
-        raise ConfigError(f"{source}: retry_max_seconds must be >= retry_initial_seconds")
+            problems.append(f"{key}: must be {rel} {minimum}, got {value!r}")
+    if (
+        ok("retry_max_seconds", "retry_initial_seconds")
+        and cfg.retry_max_seconds < cfg.retry_initial_seconds
+    ):
+        problems.append("retry_max_seconds must be >= retry_initial_seconds")
     if cfg.node_id and not all(c.isalnum() or c in "-_." for c in cfg.node_id):
-        raise ConfigError(f"{source}: node_id: only letters, digits, '-', '_' and '.' are allowed")
-    if cfg.node_id in (".", ".."):
+        problems.append("node_id: only letters, digits, '-', '_' and '.' are allowed")
+    elif cfg.node_id in (".", ".."):
         # it names a folder: '.' or '..' would be the claims folder itself or its parent
-        raise ConfigError(f"{source}: node_id: {cfg.node_id!r} cannot name a folder")
+        problems.append(f"node_id: {cfg.node_id!r} cannot name a folder")
 
-    suggest: Callable[[str], str | None] = _no_suggestion
-    if is_keyword is None:
-        from dicomwatch import dicomio
-
-        is_keyword = dicomio.is_known_keyword
-        suggest = dicomio.suggest_keyword
-
-    try:
-        compile_template(cfg.template, is_keyword=is_keyword)
-    except ConfigError as exc:
-        message = str(exc)
-        for word in _unknown_words(cfg.template, is_keyword):
-            better = suggest(word)
-            if better:
-                message += f" (did you mean {better!r}?)"
-                break
-        raise ConfigError(f"{source}: template: {message}") from exc
+    if ok("template"):
+        try:
+            check_template(cfg.template, is_keyword=is_keyword)
+        except ConfigError as exc:
+            problems.append(f"template: {exc}")
 
     def absolute(path: Path) -> Path:
         return Path(os.path.abspath(path))
@@ -248,8 +293,29 @@ def validate(
         quarantine=absolute(cfg.quarantine),
         processed=absolute(cfg.processed),
     )
-    _check_folder_relations(cfg, source)
-    return cfg
+    if ok(*_PATH_KEYS, "after_filing"):
+        problems += _folder_relation_problems(cfg)
+    return cfg, problems
+
+
+def check_template(template: str, *, is_keyword: Callable[[str], bool] | None = None) -> None:
+    """Raise ConfigError if ``template`` would not render; an unknown keyword gets a hint."""
+    suggest: Callable[[str], str | None] = _no_suggestion
+    if is_keyword is None:
+        from dicomwatch import dicomio
+
+        is_keyword = dicomio.is_known_keyword
+        suggest = dicomio.suggest_keyword
+    try:
+        compile_template(template, is_keyword=is_keyword)
+    except ConfigError as exc:
+        message = str(exc)
+        for word in _unknown_words(template, is_keyword):
+            better = suggest(word)
+            if better:
+                message += f" (did you mean {better!r}?)"
+                break
+        raise ConfigError(message) from exc
 
 
 def _no_suggestion(_name: str) -> None:
@@ -273,7 +339,7 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def _check_folder_relations(cfg: Config, source: str) -> None:
+def _folder_relation_problems(cfg: Config) -> list[str]:
     """The inbox must not overlap any output folder, or the daemon would eat its own output.
 
     Both the paths as written and with symlinks followed are compared: a symlink must
@@ -284,17 +350,82 @@ def _check_folder_relations(cfg: Config, source: str) -> None:
     def inside(a: str, b: str) -> bool:
         return _inside(getattr(cfg, a), getattr(cfg, b)) or _inside(real[a], real[b])
 
+    problems: list[str] = []
     outputs = ["archive", "quarantine"]
     if cfg.after_filing == "move":
         outputs.append("processed")
     for key in outputs:
         out = getattr(cfg, key)
         if inside("inbox", key):
-            raise ConfigError(f"{source}: inbox {cfg.inbox} is equal to or inside {key} {out}")
-        if inside(key, "inbox"):
-            raise ConfigError(f"{source}: {key} {out} is inside the inbox {cfg.inbox}")
+            problems.append(f"inbox {cfg.inbox} is equal to or inside {key} {out}")
+        elif inside(key, "inbox"):
+            problems.append(f"{key} {out} is inside the inbox {cfg.inbox}")
     if cfg.archive == cfg.quarantine or real["archive"] == real["quarantine"]:
-        raise ConfigError(f"{source}: archive and quarantine must be different folders")
+        problems.append("archive and quarantine must be different folders")
+    return problems
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is a problem.
+
+    Plain PyYAML keeps the last value silently: a file that sets ``inbox:`` near the top
+    and again further down would run on the second without a word.  Every duplicate is
+    recorded with both lines; ``<<`` merge keys are YAML's own override and stay allowed.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable: the base class says so
+                continue
+            if first is None:
+                seen[key] = key_node.start_mark.line
+            else:
+                self.duplicates.append(
+                    f"line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                    f"(first on line {first + 1}; each key may appear once)"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> tuple[Any, list[str]]:
+    """The document and the duplicate keys in it; a syntax error is a ConfigError."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
+
+
+def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> ConfigError:
+    """Name the file and the line: PyYAML's own text names ``"<unicode string>"``."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = exc.problem or "syntax error"
+        context = exc.context_mark
+        if exc.context and context is not None and context.line != mark.line:
+            what += (
+                f" ({exc.context.removeprefix('while ')} that starts on line "
+                f"{context.line + 1}, column {context.column + 1})"
+            )
+        return ConfigError(
+            f"{path}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {what}"
+        )
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        return ConfigError(
+            f"{path}: line {line}: not valid YAML: character {exc.character!r}: {exc.reason}"
+        )
+    return ConfigError(f"{path}: not valid YAML: {exc}")  # pragma: no cover - no others
 
 
 def load_config(path: Path | None) -> Config:
@@ -308,44 +439,97 @@ def load_config(path: Path | None) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw, duplicates = _parse_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise _yaml_error(path, text, exc) from exc
     if raw is None:
         raw = {}
-    return config_from_mapping(raw, source=str(path))
+    cfg, problems = _from_mapping(raw, str(path))
+    _raise_if(duplicates + problems, str(path))
+    assert cfg is not None
+    return cfg
 
 
 def prepare_folders(cfg: Config, *, create: bool = True, include_inbox: bool = True) -> None:
     """Create the folders and prove they are writable before any file is touched.
 
-    Failing here (exit 78) is kinder than failing every file later with EACCES.
+    Failing here (exit 78) is kinder than failing every file later with EACCES.  What
+    may be created depends on ``create_folders``:
+
+    - true: any missing folder, with its parents;
+    - false: never the inbox (a missing inbox is usually an unmounted share or a typo,
+      and an empty local folder in its place would be watched forever with nothing
+      ever arriving), and an output folder only where its parent exists: a parent
+      that is there shows the place is the intended one (the folder that tmpfiles
+      or the share provides); a missing parent is the same warning sign as a missing
+      inbox.
+
+    Every folder is checked before any is created, and every problem is reported.
+    With ``create=False`` (check-config) nothing is created: the checks say whether
+    ``run`` would be able to.
     """
     keys = list(_PATH_KEYS[1:] if not include_inbox else _PATH_KEYS)
     if cfg.after_filing != "move" and "processed" in keys:
         keys.remove("processed")
+    problems: list[str] = []
+    missing: list[tuple[str, Path]] = []
     for key in keys:
         folder: Path = getattr(cfg, key)
-        if create:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"{key}: cannot create {folder}: {exc.strerror or exc}") from exc
-        elif not os.path.lexists(folder):
-            # check-config before the first run: fine if ``run`` will be able to create it.
-            parent = folder.parent
+        if os.path.lexists(folder):
+            if not folder.is_dir():
+                problems.append(f"{key}: cannot create {folder}: something else is in the way")
+            elif not os.access(folder, os.W_OK | os.X_OK):
+                problems.append(f"{key}: {folder} is not writable by this user")
+            continue
+        if key == "inbox" and not cfg.create_folders:
+            problems.append(
+                f"inbox: {folder} does not exist (is its share mounted?); create it, "
+                "or set create_folders: true to have dicomwatch create it"
+            )
+            continue
+        parent = folder.parent
+        if cfg.create_folders:
             while not os.path.lexists(parent) and parent != parent.parent:
                 parent = parent.parent
-            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(
-                    f"{key}: {folder} does not exist and cannot be created "
-                    f"({parent} is not a writable folder)"
-                )
+        elif not os.path.lexists(parent):
+            problems.append(
+                f"{key}: {folder} does not exist, nor does its parent {parent} (is its "
+                "share mounted?); create it, or set create_folders: true to have "
+                "dicomwatch create both"
+            )
             continue
-        if not folder.is_dir():
-            raise ConfigError(f"{key}: {folder} does not exist or is not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError(f"{key}: {folder} is not writable by this user")
+        if not create and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+            # check-config before the first run: fine if ``run`` will be able to create it.
+            problems.append(
+                f"{key}: {folder} does not exist and cannot be created "
+                f"({parent} is not a writable folder)"
+            )
+            continue
+        missing.append((key, folder))
+    if problems or not create:
+        _raise_lines(problems)
+        return
+    for key, folder in missing:
+        try:
+            folder.mkdir(parents=cfg.create_folders, exist_ok=True)
+        except OSError as exc:
+            problems.append(f"{key}: cannot create {folder}: {exc.strerror or exc}")
+            continue
+        # INFO: making ./archive is what ``sort SRC --archive new`` is asked to do.
+        log.info(
+            "created the %s folder %s%s",
+            key,
+            folder,
+            " (create_folders: true)" if cfg.create_folders else " (its parent exists)",
+        )
+        if not os.access(folder, os.W_OK | os.X_OK):  # pragma: no cover - a hostile umask
+            problems.append(f"{key}: {folder} is not writable by this user")
+    _raise_lines(problems)
+
+
+def _raise_lines(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def render_yaml(cfg: Config) -> str:

@@ -21,12 +21,13 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from dicomwatch.claims import Claims
-from dicomwatch.config import Config, load_config
+from dicomwatch.config import Config, load_config, validate
 from dicomwatch.decode import log_codecs
 from dicomwatch.errors import ConfigError
 from dicomwatch.intake import Intake
@@ -85,9 +86,11 @@ class Daemon:
         config_path: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        self.overrides = dict(overrides or {})  # the command line's; they outlive a reload
         self.clock = clock
         self.node = cfg.effective_node_id
         self.notifier = notifier or Notifier()
@@ -460,6 +463,8 @@ class Daemon:
             return None
         try:
             new = load_config(self.config_path)
+            if self.overrides:
+                new = validate(replace(new, **self.overrides), source="command line")
         except ConfigError as exc:
             log.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
             return None

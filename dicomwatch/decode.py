@@ -436,18 +436,50 @@ def _describe_decoded_pixels(ds: Dataset) -> None:
         ds.PlanarConfiguration = 0  # pydicom's decoders return pixel-interleaved data
 
 
+# What an operator calls each family of compressed syntaxes, for the start-up line:
+# (name prefix, short name, place in the line); the first matching prefix wins.
+_SHORT_NAMES = (
+    ("JPEG 2000 Part 2", "JPEG 2000 Part 2", 5),
+    ("JPEG 2000", "JPEG 2000", 3),
+    ("High-Throughput JPEG 2000", "HTJ2K", 4),
+    ("JPIP", "JPIP", 11),
+    ("JPEG-LS", "JPEG-LS", 2),
+    ("JPEG Lossless", "JPEG lossless", 1),
+    ("JPEG", "JPEG", 0),
+    ("RLE", "RLE", 6),
+    ("MPEG2", "MPEG-2", 7),
+    ("MPEG-4", "H.264", 8),
+    ("HEVC", "HEVC", 9),
+    ("SMPTE", "SMPTE 2110", 10),
+)
+
+
+def _short_names(names: list[str]) -> str:
+    found: dict[str, int] = {}
+    for name in names:
+        bare = name.removeprefix("Fragmentable ")
+        short, place = next(
+            ((s, i) for prefix, s, i in _SHORT_NAMES if bare.startswith(prefix)), (bare, 99)
+        )
+        found.setdefault(short, place)
+    return ", ".join(sorted(found, key=lambda s: (found[s], s))) or "none"
+
+
 def log_codecs(decompress: bool) -> None:
     """Say once at start which compressed syntaxes can be decoded here, and which cannot.
 
     A quarantine full of decode errors is easy to explain when the log said a codec
-    was missing.
+    was missing.  One short line names the families; each syntax with its UID is
+    listed at DEBUG.
     """
     codecs = codec_report()
     usable = sorted(name for name, ok in codecs.items() if ok)
     missing = sorted(name for name, ok in codecs.items() if not ok)
-    log.info("decodable compressed transfer syntaxes: %s", "; ".join(usable) or "none")
+    line = f"decodable compressed transfer syntaxes: {len(usable)} ({_short_names(usable)})"
     if missing and decompress:
-        log.info(
-            "no decoder installed for (such files are quarantined while decompress is on): %s",
-            "; ".join(missing),
-        )
+        # such files are quarantined while decompress is on
+        line += f"; no decoder for {len(missing)} ({_short_names(missing)})"
+    log.info("%s", line)
+    log.debug("decodable: %s", "; ".join(usable) or "none")
+    if missing:
+        log.debug("no decoder installed: %s", "; ".join(missing))

@@ -293,6 +293,8 @@ def parse(data: bytes, *, max_inflated_bytes: int | None = None) -> Dataset:
                 truncation = truncation or "file ends after the file meta information"
             if truncation is not None:
                 raise IncompleteError(truncation)
+        if not has_magic:  # text, images, archives: say so, not what they lack
+            raise NotDicomError("not a DICOM file: no 'DICM' marker and no SOPInstanceUID")
         raise NotDicomError("no SOPInstanceUID")
     if truncation is not None:
         raise IncompleteError(truncation)

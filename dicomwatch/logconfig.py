@@ -3,7 +3,8 @@
 Under systemd (``JOURNAL_STREAM`` names our stderr) journald stamps every line itself,
 so we print no timestamp of our own and prefix each line with its syslog priority
 (``<6>``), which journald turns into the entry's priority: ``journalctl -p warning``
-then shows only problems.  JSON lines carry the same result record as the text.
+then shows only problems.  JSON lines carry the same result record as the text, and
+the same prefix under journald (journald strips it, so the stored message is the JSON).
 """
 
 from __future__ import annotations
@@ -62,13 +63,21 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         if self.journald:
-            prio = _PRIORITY.get(record.levelno, 6)
+            prio = _priority(record)
             return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
         stamp = datetime.now().astimezone().isoformat(timespec="milliseconds")
         return f"{stamp} {record.levelname:<7} {text}"
 
 
+def _priority(record: logging.LogRecord) -> int:
+    return _PRIORITY.get(record.levelno, 6)
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self, journald: bool = False) -> None:
+        super().__init__()
+        self.journald = journald
+
     def format(self, record: logging.LogRecord) -> str:
         result = getattr(record, "result", None)
         if isinstance(result, Result):
@@ -85,7 +94,9 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, ensure_ascii=False, default=str)
+        line = json.dumps(payload, ensure_ascii=False, default=str)
+        # json.dumps escapes every line break: one record is always one line.
+        return f"<{_priority(record)}>{line}" if self.journald else line
 
 
 _HANDLER_NAME = "dicomwatch"
@@ -100,10 +111,11 @@ def setup_logging(fmt: str = "text", level: str = "INFO", stream: TextIO | None 
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     handler.set_name(_HANDLER_NAME)
+    journald = under_journald(stream)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(journald))
     else:
-        handler.setFormatter(TextFormatter(under_journald(stream)))
+        handler.setFormatter(TextFormatter(journald))
     root = logging.getLogger()
     for old in list(root.handlers):
         if old.get_name() == _HANDLER_NAME:

@@ -70,7 +70,7 @@ class Counters:
         return (
             f"sorted {c[Outcome.SORTED]}, duplicates {c[Outcome.DUPLICATE]}, "
             f"conflicts {c[Outcome.CONFLICT]}, quarantined {c[Outcome.QUARANTINED]}, "
-            f"errors {c[Outcome.FAILED]}; {self.total} files in {elapsed:.1f} s, "
+            f"failed {c[Outcome.FAILED]}; {self.total} files in {elapsed:.1f} s, "
             f"{self.total / elapsed:.1f} files/s, {self.bytes / elapsed / 1e6:.1f} MB/s"
         )
 

@@ -5,6 +5,7 @@ printing the effective configuration."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -50,6 +51,7 @@ def non_default_values(base: Path) -> dict[str, Any]:
         "archive": str(base / "arch"),
         "quarantine": str(base / "quar"),
         "processed": str(base / "done"),
+        "create_folders": True,
         "template": "{PatientID}/{StudyInstanceUID}/{SOPInstanceUID}.dcm",
         "decompress": False,
         "max_decoded_bytes": 1024,
@@ -286,6 +288,86 @@ def test_invalid_yaml(cwd: Path, text: str) -> None:
         load_config(path)
     assert str(path) in str(info.value)
     assert "line" in str(info.value)  # the parser's position is kept for the reader
+    assert "<unicode string>" not in str(info.value)
+
+
+def test_invalid_yaml_names_the_file_and_line(cwd: Path) -> None:
+    path = write(cwd / "broken.yaml", "# folders\ninbox: in\narchive: [a, b\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line 4, column 1: not valid YAML: ")
+    assert "flow sequence" in message and "line 3" in message  # where the list began
+
+
+def test_unprintable_character_names_the_file(cwd: Path) -> None:
+    path = write(cwd / "bell.yaml", "inbox: in\nnode_id: a\x07b\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert "<unicode string>" not in str(info.value)
+    assert "line 2" in str(info.value)
+
+
+def test_duplicate_keys_are_refused_with_both_lines(cwd: Path) -> None:
+    path = write(cwd / "dup.yaml", "inbox: in\narchive: a\n\ninbox: other\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: line 4: duplicate key 'inbox' (first on line 1; each key may appear once)"
+    )
+
+
+def test_duplicate_keys_inside_a_value_are_refused(cwd: Path) -> None:
+    path = write(cwd / "dup.yaml", "ignore: {a: 1, a: 2}\n")
+    with pytest.raises(ConfigError, match=r"line 1: duplicate key 'a'"):
+        load_config(path)
+
+
+def test_every_problem_is_reported_each_on_its_own_line(cwd: Path) -> None:
+    path = write(
+        cwd / "many.yaml",
+        "setle_seconds: 3\nworkers: two\nlog_format: xml\ninbox: x\ninbox: y\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 4, lines
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert "line 5: duplicate key 'inbox'" in lines[0]
+    assert "did you mean 'settle_seconds'" in lines[1]
+    assert "workers: expected a whole number" in lines[2]
+    assert "log_format" in lines[3]
+
+
+def test_relations_of_a_refused_value_are_not_checked(cwd: Path) -> None:
+    """A bad value is not replaced by its default for the checks between keys."""
+    path = write(cwd / "r.yaml", "retry_initial_seconds: soon\nretry_max_seconds: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: retry_initial_seconds: expected a number of seconds, got 'soon'"
+    )
+
+
+def test_every_relation_problem_is_reported(cwd: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(
+            {
+                "archive": "inbox/a",
+                "quarantine": "inbox/q",
+                "retry_initial_seconds": 10,
+                "retry_max_seconds": 5,
+                "node_id": "..",
+            },
+            source="c",
+        )
+    lines = str(info.value).splitlines()
+    assert len(lines) == 4, lines
+    assert any("archive" in line and "inside the inbox" in line for line in lines)
+    assert any("quarantine" in line and "inside the inbox" in line for line in lines)
+    assert any("retry_max_seconds" in line for line in lines)
+    assert any("node_id" in line for line in lines)
 
 
 @pytest.mark.parametrize("text", ["- inbox: x\n- archive: y\n", "just text\n", "42\n"])
@@ -347,7 +429,9 @@ def test_validate_with_an_explicit_keyword_check(cwd: Path) -> None:
 
 
 def test_prepare_folders_creates_what_is_missing(cwd: Path) -> None:
-    cfg = config_from_mapping({"inbox": "a/in", "archive": "b/c/arch", "quarantine": "q"})
+    cfg = config_from_mapping(
+        {"inbox": "a/in", "archive": "b/c/arch", "quarantine": "q", "create_folders": True}
+    )
     prepare_folders(cfg)
     for folder in (cfg.inbox, cfg.archive, cfg.quarantine):
         assert folder.is_dir()
@@ -366,7 +450,7 @@ def test_prepare_folders_processed_only_when_moving(cwd: Path) -> None:
 
 def test_prepare_folders_without_create(cwd: Path) -> None:
     """check-config before the first run: missing folders that can be created are fine."""
-    cfg = load_config(None)
+    cfg = replace(load_config(None), create_folders=True)  # the quick start
     prepare_folders(cfg, create=False)
     assert list(cwd.iterdir()) == []
 
@@ -381,7 +465,7 @@ def test_prepare_folders_without_create_refuses_uncreatable(cwd: Path) -> None:
 
 def test_prepare_folders_under_a_regular_file(cwd: Path) -> None:
     (cwd / "plain.txt").write_text("not a folder")
-    cfg = config_from_mapping({"archive": "plain.txt/archive"})
+    cfg = config_from_mapping({"archive": "plain.txt/archive", "create_folders": True})
     with pytest.raises(ConfigError, match=r"archive: cannot create .*plain.txt/archive"):
         prepare_folders(cfg)
     assert (cwd / "plain.txt").read_text() == "not a folder"
@@ -462,3 +546,66 @@ def test_render_yaml_keeps_unicode_readable_and_exact(cwd: Path) -> None:
     assert round_trip(plain) == plain
     tricky = config_from_mapping({"archive": "Müller/日本", "ignore": ["a\x85b", "ü*"]})
     assert round_trip(tricky) == replace(tricky, node_id=tricky.effective_node_id)
+
+
+# ----- create_folders ------------------------------------------------------------------
+
+
+def test_a_config_file_does_not_create_folders_by_default(cwd: Path) -> None:
+    assert load_config(write(cwd / "c.yaml", "workers: 1\n")).create_folders is False
+    assert load_config(None).create_folders is False  # sort's built-in set-up too
+
+
+def test_missing_inbox_is_refused_naming_the_key(cwd: Path) -> None:
+    cfg = config_from_mapping({"inbox": "share/inbox"})
+    with pytest.raises(ConfigError) as info:
+        prepare_folders(cfg)
+    assert str(info.value).startswith(f"inbox: {cwd / 'share' / 'inbox'} does not exist")
+    assert "create_folders: true" in str(info.value)
+    assert list(cwd.iterdir()) == [], "nothing is created when the inbox is refused"
+
+
+def test_outputs_are_made_where_their_parent_exists(
+    cwd: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (cwd / "inbox").mkdir()
+    cfg = config_from_mapping({})
+    with caplog.at_level(logging.INFO, logger="dicomwatch"):
+        prepare_folders(cfg)
+    assert cfg.archive.is_dir() and cfg.quarantine.is_dir()
+    made = [r for r in caplog.records if "created" in r.getMessage()]
+    assert [r.levelno for r in made] == [logging.INFO, logging.INFO]
+    assert f"created the archive folder {cfg.archive}" in made[0].getMessage()
+
+
+def test_outputs_without_their_parent_are_refused(cwd: Path) -> None:
+    (cwd / "inbox").mkdir()
+    cfg = config_from_mapping({"archive": "nas/pacs/archive", "quarantine": "nas/pacs/q"})
+    with pytest.raises(ConfigError) as info:
+        prepare_folders(cfg)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"archive: {cwd / 'nas/pacs/archive'} does not exist, nor")
+    assert all("create_folders: true" in line for line in lines)
+    assert sorted(p.name for p in cwd.iterdir()) == ["inbox"]
+
+
+def test_create_folders_makes_every_missing_folder_and_says_so(
+    cwd: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config_from_mapping({"create_folders": True, "inbox": "a/b/in", "archive": "c/d/arch"})
+    with caplog.at_level(logging.INFO, logger="dicomwatch"):
+        prepare_folders(cfg)
+    assert cfg.inbox.is_dir() and cfg.archive.is_dir() and cfg.quarantine.is_dir()
+    made = [r.getMessage() for r in caplog.records if "created" in r.getMessage()]
+    assert len(made) == 3, made
+    assert f"created the inbox folder {cfg.inbox}" in made[0]
+
+
+def test_check_mode_refuses_what_run_would_refuse(cwd: Path) -> None:
+    cfg = config_from_mapping({})
+    with pytest.raises(ConfigError, match=r"inbox: .* does not exist"):
+        prepare_folders(cfg, create=False)
+    (cwd / "inbox").mkdir()
+    prepare_folders(cfg, create=False)  # archive and quarantine can be made: fine
+    assert sorted(p.name for p in cwd.iterdir()) == ["inbox"]

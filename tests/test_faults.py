@@ -844,7 +844,7 @@ def test_sort_move_into_read_only_archive_tree_fails_each_file_once_and_keeps_so
     for rec in records:
         assert rec["outcome"] == "failed" and rec["reason"] == "permission_denied", rec
         assert "Permission denied" in rec["message"]
-    assert "errors 4" in result.stderr
+    assert "failed 4" in result.stderr
     assert {p.name: p.read_bytes() for p in src.iterdir()} == sources
     assert archived(archive) == []
     assert temporaries(archive, ubase / "quarantine") == []

@@ -6,6 +6,9 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +104,68 @@ def test_a_transfer_syntax_with_a_newline_cannot_forge_a_log_line() -> None:
     line = render_text(forged)
     assert "\n" not in line
     assert 'ts="1.2.840.10008.1.2.1\\nsorted src=forged.dcm"->1.2.840.10008.1.2.1' in line
+
+
+def _journal_env_for(path: Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def test_json_lines_under_journald_carry_the_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """journald reads ``<N>`` at the start of a line as the priority, JSON or not."""
+    path = tmp_path / "journal-stream"
+    with path.open("w", encoding="utf-8") as stream:
+        monkeypatch.setenv("JOURNAL_STREAM", _journal_env_for(path))
+        setup_logging("json", "INFO", stream=stream)
+        try:
+            logging.getLogger("dicomwatch.test").warning("disk full")
+            logging.getLogger("dicomwatch.test").info("watching")
+        finally:
+            setup_logging("text", "WARNING", stream=io.StringIO())
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [line[:3] for line in lines] == ["<4>", "<6>"]
+    assert json.loads(lines[0][3:])["msg"] == "disk full"
+    assert json.loads(lines[1][3:])["level"] == "info"
+
+
+def test_json_lines_without_journald_are_plain_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "log"
+    with path.open("w", encoding="utf-8") as stream:
+        monkeypatch.setenv("JOURNAL_STREAM", "1:2")  # some other stream
+        setup_logging("json", "INFO", stream=stream)
+        try:
+            logging.getLogger("dicomwatch.test").warning("disk full")
+        finally:
+            setup_logging("text", "WARNING", stream=io.StringIO())
+    assert json.loads(path.read_text(encoding="utf-8"))["msg"] == "disk full"
+
+
+def test_sort_under_journald_writes_json_with_priorities(tmp_path: Path) -> None:
+    """The real command with stderr on a stream JOURNAL_STREAM names, as systemd sets it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("not DICOM\n")
+    err = tmp_path / "stderr"
+    with err.open("wb") as stream:
+        env = {**os.environ, "JOURNAL_STREAM": _journal_env_for(err)}
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "dicomwatch", "sort", "--no-progress"),
+                *("--log-format", "json", "--archive", str(tmp_path / "archive"), str(src)),
+            ],
+            stderr=stream,
+            stdout=subprocess.DEVNULL,
+            cwd=tmp_path,
+            env=env,
+            check=False,
+        )
+    assert proc.returncode == 1
+    lines = err.read_text(encoding="utf-8").splitlines()
+    assert lines and all(line[:1] == "<" and line[2:4] == ">{" for line in lines), lines
+    by_event = {json.loads(line[3:]).get("outcome"): line[:3] for line in lines}
+    assert by_event["quarantined"] == "<4>"
+    assert by_event[None] == "<6>"  # the start and summary lines

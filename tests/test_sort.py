@@ -348,3 +348,30 @@ def test_sort_skips_symlinks_and_fifos(tmp_path: Path, make_dicom: Callable[...,
     files = archived(tmp_path / "archive")
     assert len(files) == 1
     assert all(dcmread(f).PatientID != "SECRET" for f in files)
+
+
+def test_a_text_file_is_called_not_dicom(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "report.txt").write_text("Patient list\nDoe, John\n" * 20)
+    assert sort(src, "--archive", tmp_path / "archive") == 1
+    (sidecar,) = (tmp_path / "quarantine").rglob("*.reason.json")
+    data = json.loads(sidecar.read_text())
+    assert data["reason"] == "not_dicom"
+    assert data["error"].startswith("not a DICOM file: ")
+
+
+def test_summary_says_failed_like_the_result_lines(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.txt").write_text("x")
+    out = subprocess.run(
+        [sys.executable, "-m", "dicomwatch", "sort", "--no-progress", str(src)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    summary = out.stderr.strip().splitlines()[-1]
+    assert "quarantined 1, failed 0; 1 files in " in summary
+    assert "errors" not in summary

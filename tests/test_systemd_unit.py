@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -110,7 +112,12 @@ def test_service_lifecycle(unit: Unit, service: dict[str, list[str]]) -> None:
     assert one(service, "ExecStart") == (
         "/opt/dicomwatch/venv/bin/dicomwatch run --config /etc/dicomwatch/config.yaml"
     )
-    assert one(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
+    # check the file first: a config the daemon would refuse fails the reload itself
+    assert service["ExecReload"] == [
+        "/opt/dicomwatch/venv/bin/dicomwatch check-config --quiet "
+        "--config /etc/dicomwatch/config.yaml",
+        "/bin/kill -HUP $MAINPID",
+    ]
     assert one(service, "Restart") == "on-failure"
     assert seconds(one(service, "RestartSec")) == 5
     assert "78" in effective_list(service["RestartPreventExitStatus"])
@@ -251,7 +258,8 @@ def test_security_exposure_is_low() -> None:
 def test_verify_is_clean(tmp_path: Path) -> None:
     """``systemd-analyze verify`` finds nothing but the binary this machine lacks.
 
-    verify insists that ExecStart= exists, so a copy pointing at ``true`` is checked.
+    verify insists that ExecStart= and ExecReload= exist, so a copy pointing at ``true``
+    is checked.
     """
     analyze = _systemd_analyze()
     true = shutil.which("true")
@@ -260,7 +268,7 @@ def test_verify_is_clean(tmp_path: Path) -> None:
     text = UNIT.read_text(encoding="utf-8")
     copy = tmp_path / "dicomwatch.service"
     copy.write_text(
-        text.replace("ExecStart=/opt/dicomwatch/venv/bin/dicomwatch ", f"ExecStart={true} "),
+        text.replace("=/opt/dicomwatch/venv/bin/dicomwatch ", f"={true} "),
         encoding="utf-8",
     )
     proc = subprocess.run(
@@ -273,3 +281,124 @@ def test_verify_is_clean(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.strip() == "", proc.stderr
+
+
+# A stand-in for the daemon: SIGHUP is blocked, so it stays pending and can be counted;
+# it reports once standard input closes.
+_MAIN = """
+import signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+print("ready", flush=True)
+sys.stdin.read()
+print("hup" if signal.SIGHUP in signal.sigpending() else "no hup", flush=True)
+"""
+
+
+def run_reload(service: dict[str, list[str]], config: Path) -> tuple[list[int], str]:
+    """Run the unit's ExecReload= lines in order, as systemd does: stop at the first failure.
+
+    The installed binary becomes this interpreter's ``-m dicomwatch``, the config path
+    the test's file, and ``$MAINPID`` a real process standing in for the daemon.
+    """
+    with subprocess.Popen(
+        [sys.executable, "-c", _MAIN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as main:
+        assert main.stdout is not None and main.stdin is not None
+        assert main.stdout.readline() == "ready\n"
+        codes: list[int] = []
+        for line in service["ExecReload"]:
+            argv = shlex.split(line.replace("$MAINPID", str(main.pid)))
+            if argv[0] == "/opt/dicomwatch/venv/bin/dicomwatch":
+                argv[:1] = [sys.executable, "-m", "dicomwatch"]
+            argv = [str(config) if a == "/etc/dicomwatch/config.yaml" else a for a in argv]
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            codes.append(proc.returncode)
+            assert proc.stdout == "", "systemd would log this on every reload"
+            if proc.returncode != 0:
+                break
+        main.stdin.close()
+        return codes, main.stdout.read().strip()
+
+
+@pytest.mark.skipif(not Path("/bin/kill").exists(), reason="needs /bin/kill")
+def test_reload_of_a_rejected_config_fails_and_sends_no_signal(
+    service: dict[str, list[str]], tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"inbox: {tmp_path}/in\narchive: {tmp_path}/in/archive\n")
+    codes, seen = run_reload(service, config)
+    assert codes == [78]
+    assert seen == "no hup"
+
+
+@pytest.mark.skipif(not Path("/bin/kill").exists(), reason="needs /bin/kill")
+def test_reload_of_a_good_config_signals_the_daemon(
+    service: dict[str, list[str]], tmp_path: Path
+) -> None:
+    (tmp_path / "in").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"inbox: {tmp_path}/in\narchive: {tmp_path}/archive\nquarantine: {tmp_path}/q\n"
+    )
+    codes, seen = run_reload(service, config)
+    assert codes == [0, 0]
+    assert seen == "hup"
+
+
+# ----- docs/SYSTEMD.md ---------------------------------------------------------------
+
+GUIDE = SYSTEMD_DIR.parent / "docs" / "SYSTEMD.md"
+CHECKOUT = "/path/to/dicomwatch"
+
+
+def guide_install_commands() -> list[str]:
+    """The ``install ...`` lines of the guide's fenced shell blocks, in order."""
+    commands: list[str] = []
+    shell = False
+    for line in GUIDE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            shell = not shell and line[3:].strip() in ("sh", "shell", "bash", "console")
+            continue
+        if shell and line.startswith("install "):
+            commands.append(line)
+    return commands
+
+
+def test_guide_install_commands_work_on_an_empty_root(tmp_path: Path) -> None:
+    """Every ``install`` line of docs/SYSTEMD.md, run against an empty root.
+
+    Debian 12 has no /etc/sysusers.d, and a fresh host may lack others: each command must
+    make its target folder itself.  ``/etc/`` and ``/usr/`` are moved below a temporary
+    root (``DESTDIR``-style) and the checkout is this one.  ``-o``/``-g`` are dropped:
+    the account they name is made by an earlier step, not on this machine.
+    """
+    commands = guide_install_commands()
+    assert len(commands) >= 4, commands
+    root = tmp_path / "root"
+    root.mkdir()
+    repo = SYSTEMD_DIR.parent
+    installed: list[tuple[Path, int]] = []
+    for command in commands:
+        text = command.replace(CHECKOUT, str(repo))
+        text = text.replace(" /etc/", f" {root}/etc/").replace(" /usr/", f" {root}/usr/")
+        argv = shlex.split(text)
+        kept: list[str] = []
+        skip = False
+        for arg in argv:
+            if skip:
+                skip = False
+            elif arg in ("-o", "-g"):
+                skip = True
+            else:
+                kept.append(arg)
+        proc = subprocess.run(kept, cwd=repo, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"{command}\n{proc.stderr}"
+        dest = Path(kept[-1])
+        assert root in dest.parents, f"{command} installs outside /etc and /usr"
+        mode = int(kept[kept.index("-m") + 1], 8)
+        installed.append((dest, mode))
+    for dest, mode in installed:
+        assert dest.is_file(), dest
+        assert dest.stat().st_mode & 0o7777 == mode, dest
+    assert (root / "etc/sysusers.d/dicomwatch.conf").read_bytes() == SYSUSERS.read_bytes()
+    assert (root / "etc/systemd/system/dicomwatch.service").read_bytes() == UNIT.read_bytes()

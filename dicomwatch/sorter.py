@@ -312,6 +312,7 @@ def process(task: Task, settings: EngineSettings) -> Result:
             reason=Reason.SAME_UID_DIFFERENT_CONTENT
             if outcome is Outcome.CONFLICT
             else (Reason.NAME_TAKEN if placed.renamed and not placed.duplicate else None),
+            sha256=hashlib.sha256(out).hexdigest(),
         )
     except (RejectedError, _ForcedQuarantine) as exc:
         reason = exc.reason

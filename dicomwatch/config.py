@@ -70,6 +70,10 @@ class Config:
     fsync: bool = True
     log_format: LogFormat = "text"
     log_level: LogLevel = "INFO"
+    state_dir: Path = Path(".dicomwatch-state")
+    """dicomwatch's own state (the SQLite index); local disk, outside every folder above."""
+    index: str = "sqlite"
+    """``sqlite`` (``state_dir/index.sqlite3``), ``none``, or a ``postgresql://`` URL."""
 
     @property
     def effective_workers(self) -> int:
@@ -247,8 +251,10 @@ def validate(
         archive=absolute(cfg.archive),
         quarantine=absolute(cfg.quarantine),
         processed=absolute(cfg.processed),
+        state_dir=absolute(cfg.state_dir),
     )
     _check_folder_relations(cfg, source)
+    _check_index(cfg, source)
     return cfg
 
 
@@ -295,6 +301,20 @@ def _check_folder_relations(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: {key} {out} is inside the inbox {cfg.inbox}")
     if cfg.archive == cfg.quarantine or real["archive"] == real["quarantine"]:
         raise ConfigError(f"{source}: archive and quarantine must be different folders")
+
+
+def _check_index(cfg: Config, source: str) -> None:
+    if cfg.index not in ("sqlite", "none") and not cfg.index.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        raise ConfigError(
+            f"{source}: index: {cfg.index!r} is not sqlite, none or a postgresql:// URL"
+        )
+    if cfg.index == "sqlite" and (
+        _inside(cfg.state_dir, cfg.inbox)
+        or _inside(Path(os.path.realpath(cfg.state_dir)), Path(os.path.realpath(cfg.inbox)))
+    ):
+        raise ConfigError(f"{source}: state_dir {cfg.state_dir} is inside the inbox {cfg.inbox}")
 
 
 def load_config(path: Path | None) -> Config:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from dicomwatch.config import INTERNAL_DIR, Config
 from dicomwatch.decode import log_codecs
+from dicomwatch.indexsink import index_sinks
 from dicomwatch.pool import WorkerPool
 from dicomwatch.result import Outcome, Result
 from dicomwatch.sinks import Counters, LogSink, Sinks
@@ -123,6 +124,7 @@ def run_sort(
             PlanSink() if dry_run else LogSink(),
             counters,
             *([_ProgressSink(bar)] if bar is not None else []),
+            *index_sinks(cfg, owner_name(cfg, "sort"), enabled=not dry_run),
         ]
     )
     log.info(

@@ -17,6 +17,7 @@ from pathlib import Path
 from dicomwatch import __version__
 from dicomwatch.config import Config, load_config, prepare_folders, render_yaml, validate
 from dicomwatch.errors import ConfigError
+from dicomwatch.indexdb import check_location
 from dicomwatch.logconfig import setup_logging
 
 EXIT_OK = 0
@@ -158,6 +159,7 @@ def _cmd_sort(args: argparse.Namespace, cfg: Config) -> int:
     if not args.dry_run:
         try:
             prepare_folders(cfg, include_inbox=False)
+            check_location(cfg)
         except ConfigError as exc:
             return _config_error(exc)
     show = sys.stderr.isatty() if args.progress is None else args.progress
@@ -173,6 +175,7 @@ def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:
 
     try:
         prepare_folders(cfg)
+        check_location(cfg)
     except ConfigError as exc:
         return _config_error(exc)
     return Daemon(cfg, config_path=args.config).run(once=args.once)

@@ -30,6 +30,7 @@ class DaemonProc:
             "archive": str(self.archive),
             "quarantine": str(self.quarantine),
             "processed": str(root / "processed"),
+            "state_dir": str(root / f"state-{name}"),
             "settle_seconds": 0.3,
             "rescan_seconds": 3.0,
             "workers": 2,

@@ -17,6 +17,7 @@ from pathlib import Path
 from dicomwatch import __version__
 from dicomwatch.config import Config, load_config, prepare_folders, render_yaml, validate
 from dicomwatch.errors import ConfigError
+from dicomwatch.indexcli import INDEX_COMMANDS
 from dicomwatch.indexdb import check_location
 from dicomwatch.logconfig import setup_logging
 
@@ -86,7 +87,7 @@ def _add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     check.set_defaults(func=_cmd_check_config)
 
 
-COMMANDS = (_add_run, _add_sort, _add_check_config)
+COMMANDS = (_add_run, _add_sort, _add_check_config, *INDEX_COMMANDS)
 """Each command registers its own arguments and handler (``set_defaults(func=...)``)."""
 
 

@@ -279,6 +279,7 @@ class Index:
         self.conn = conn
         self.dialect = dialect
         self.where = where
+        self._depth = 0
 
     # ----- low level ---------------------------------------------------------------
 
@@ -299,6 +300,23 @@ class Index:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
+        """One transaction; a nested one is part of the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._depth = 1
+        try:
+            with self._outer_transaction():
+                yield
+        finally:
+            self._depth = 0
+
+    @contextlib.contextmanager
+    def _outer_transaction(self) -> Iterator[None]:
         if self.dialect.name == "sqlite":
             self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -384,7 +402,11 @@ class Index:
         self.executemany(
             f"INSERT INTO instances ({', '.join(columns)}) "  # noqa: S608 - constant names; values bound
             f"VALUES ({marks.removesuffix(', ?')}, COALESCE(?, {d.now}), ?) "
-            "ON CONFLICT (sop_instance_uid, path) DO NOTHING",
+            # The same file again is one row.  Two workers can report one file's two
+            # arrivals in either order: the row says what the first filing did.
+            "ON CONFLICT (sop_instance_uid, path) DO UPDATE SET outcome = excluded.outcome, "
+            "source = excluded.source, time = excluded.time, node = excluded.node "
+            "WHERE instances.outcome = 'duplicate' AND excluded.outcome <> 'duplicate'",
             [
                 (*(getattr(r, c) for c in INSTANCE_COLUMNS[:-1]), d.time_in(r.time), r.folder)
                 for r in rows

@@ -16,11 +16,14 @@ whose owners are gone.  Rows are inserted idempotently, so replaying twice is ha
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
 import logging
 import os
+import queue
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -45,6 +48,8 @@ AUTOFLUSH_ROWS = 500
 MAX_BUFFER = 100_000
 RETRY_INITIAL_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
+CATCH_UP_MARGIN_SECONDS = 60.0
+"""Files changed this long before a killed process's last commit are looked at again."""
 JOURNAL_DIR = "journal"
 
 _ROW_ERRORS = ("DataError", "IntegrityError", "ProgrammingError", "InterfaceError")
@@ -57,46 +62,62 @@ class Journal:
     def __init__(self, folder: Path, owner: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{owner}.jsonl"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # A POSIX record lock, not flock(): forked workers do not inherit it, so the
+            # journal of a killed parent is free even while its workers linger.
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.fd)
             raise
         self._finalizer = weakref.finalize(self, os.close, self.fd)
+        self.mark()
+
+    def mark(self) -> None:
+        """Note the time: everything filed before it is committed (or in this journal)."""
+        os.write(self.fd, (json.dumps({"k": "c", "t": time.time()}) + "\n").encode("ascii"))
 
     def append(self, kind: str, row: InstanceRow | QuarantineRow) -> None:
         line = json.dumps({"k": kind, **asdict(row)}, ensure_ascii=True) + "\n"
         os.write(self.fd, line.encode("ascii"))
 
+    @property
+    def alive(self) -> bool:
+        return self._finalizer.alive
+
     def clear(self) -> None:
         os.ftruncate(self.fd, 0)
+        self.mark()
 
     def close(self) -> None:
         """Remove the (empty) journal and let go of it."""
         if self._finalizer.alive:
-            if os.fstat(self.fd).st_size == 0:
+            if not read_journal(self.path)[0] and not read_journal(self.path)[1]:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path)
             self._finalizer()
 
 
-def read_journal(path: Path) -> tuple[list[InstanceRow], list[QuarantineRow]]:
-    """The rows in a journal; a line cut short by a kill is skipped."""
+def read_journal(path: Path) -> tuple[list[InstanceRow], list[QuarantineRow], float | None]:
+    """The rows in a journal and its last commit mark; a line cut short by a kill is
+    skipped."""
     rows: list[InstanceRow] = []
     qrows: list[QuarantineRow] = []
+    committed: float | None = None
     with path.open("rb") as fh:
         for line in fh:
             try:
                 raw = json.loads(line)
                 kind = raw.pop("k")
-                if kind == "i":
+                if kind == "c":
+                    committed = float(raw["t"])
+                elif kind == "i":
                     rows.append(InstanceRow(**raw))
                 elif kind == "q":
                     qrows.append(QuarantineRow(**raw))
             except (ValueError, TypeError, KeyError):
                 continue
-    return rows, qrows
+    return rows, qrows, committed
 
 
 def adopt_orphans(folder: Path, own: Path) -> list[tuple[Path, int]]:
@@ -108,11 +129,11 @@ def adopt_orphans(folder: Path, own: Path) -> list[tuple[Path, int]]:
         if path == own:
             continue
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)  # its owner still runs
             continue
@@ -146,9 +167,12 @@ class IndexSink:
         self._retry_at = 0.0
         self._delay = RETRY_INITIAL_SECONDS
         self.journal: Journal | None = None
+        self.cfg = cfg
+        self._catch_up: CatchUp | None = None
         folder = cfg.state_dir / JOURNAL_DIR
         try:
             self.journal = Journal(folder, owner)
+            atexit.register(self.close)
             self._adopt(folder)
         except OSError as exc:
             log.warning(
@@ -160,9 +184,12 @@ class IndexSink:
 
     def _adopt(self, folder: Path) -> None:
         assert self.journal is not None
+        since: float | None = None
         for path, fd in adopt_orphans(folder, self.journal.path):
             try:
-                rows, qrows = read_journal(path)
+                rows, qrows, committed = read_journal(path)
+                mark = committed if committed is not None else path.stat().st_mtime
+                since = mark if since is None else min(since, mark)
                 for row in rows:
                     self._keep("i", row)
                 for qrow in qrows:
@@ -177,6 +204,9 @@ class IndexSink:
                     )
             finally:
                 os.close(fd)
+        if since is not None:
+            self._catch_up = CatchUp(self.cfg, since - CATCH_UP_MARGIN_SECONDS)
+            self._catch_up.start()
 
     # ----- the sink ------------------------------------------------------------------
 
@@ -259,6 +289,8 @@ class IndexSink:
 
     def flush(self) -> None:
         """Write what is buffered in one transaction; on failure keep it and back off."""
+        if self._catch_up is not None:
+            self._take_caught_up(self._catch_up)
         if not self.pending or self.clock() < self._retry_at:
             return
         try:
@@ -290,6 +322,16 @@ class IndexSink:
             )
             self.dropped = 0
         self._delay = RETRY_INITIAL_SECONDS
+
+    def _take_caught_up(self, catch_up: CatchUp) -> None:
+        while True:
+            try:
+                kind, row = catch_up.found.get_nowait()
+            except queue.Empty:
+                break
+            self._keep(kind, row)
+        if catch_up.done.is_set() and catch_up.found.empty():
+            self._catch_up = None
 
     def _write_one_by_one(self, index: Index, first: Exception) -> None:
         """A row the engine refuses must not hold back every other one."""
@@ -330,14 +372,63 @@ class IndexSink:
         self._delay = min(self._delay * 2, RETRY_MAX_SECONDS)
 
     def close(self) -> None:
-        """Flush once more (ignoring back-off) and let go of the index and the journal."""
+        """Flush once more (ignoring back-off) and let go of the index and the journal.
+
+        Also run at a normal interpreter exit: a journal that is gone says the process
+        stopped cleanly, so the next start has nothing to catch up on.
+        """
+        if self.journal is not None and not self.journal.alive:
+            return
         self._retry_at = 0.0
-        self.flush()
-        if self._index is not None:
-            self._index.close()
-            self._index = None
-        if self.journal is not None and not self.pending:
-            self.journal.close()
+        try:
+            self.flush()
+            if self._index is not None:
+                self._index.close()
+                self._index = None
+            if self.journal is not None and not self.pending:
+                self.journal.close()
+        except OSError as exc:
+            log.warning("index: cannot close the journal: %s", exc.strerror or exc)
+
+
+class CatchUp(threading.Thread):
+    """After an unclean stop: rows for files filed since the last commit that no journal
+    holds (a worker filed the file and removed its claim, then the parent was killed
+    before it heard back).  Only files changed since then are read; filing goes on."""
+
+    def __init__(self, cfg: Config, since: float) -> None:
+        super().__init__(name="index-catch-up", daemon=True)
+        self.cfg = cfg
+        self.since = since
+        self.found: queue.SimpleQueue[tuple[str, InstanceRow | QuarantineRow]] = queue.SimpleQueue()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from dicomwatch import rebuild
+
+        count = 0
+        try:
+            for rel in rebuild.archive_files(self.cfg):
+                if self._recent(self.cfg.archive / rel):
+                    row = rebuild.instance_row(self.cfg, rel)
+                    if row is not None:
+                        self.found.put(("i", row))
+                        count += 1
+            for rel in rebuild.quarantine_files(self.cfg):
+                if self._recent(self.cfg.quarantine / rel):
+                    self.found.put(("q", rebuild.quarantine_row(self.cfg, rel)))
+                    count += 1
+        except OSError as exc:
+            log.warning("index: catching up after an unclean stop failed: %s", exc)
+        finally:
+            self.done.set()
+        log.info("index: looked again at %d files filed around the last unclean stop", count)
+
+    def _recent(self, path: Path) -> bool:
+        try:
+            return path.lstat().st_mtime >= self.since
+        except OSError:
+            return False
 
 
 def index_sinks(cfg: Config, owner: str, *, enabled: bool = True) -> list[IndexSink]:

@@ -319,4 +319,5 @@ def test_the_daemon_writes_rows_while_it_runs(
     with index_of(cfg) as ix:
         rows = ix.instance_rows()
     assert {r.node for r in rows} == {"a"}
+    assert list((tmp_path / "state" / "journal").glob("*.jsonl")) == []  # a clean stop
     assert all(r.source and r.source.startswith(str(daemon.inbox)) for r in rows)

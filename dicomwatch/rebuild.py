@@ -29,6 +29,10 @@ from dicomwatch.sidecar import SIDECAR_SUFFIX, QuarantineRecord
 
 log = logging.getLogger(__name__)
 
+PARALLEL_FROM = 1000
+"""Archives smaller than this are read in this process; larger ones by a pool."""
+CHUNK_FILES = 256
+
 _KEYWORDS = (
     "SeriesInstanceUID",
     "StudyInstanceUID",
@@ -142,6 +146,37 @@ def quarantine_row(cfg: Config, rel: str) -> QuarantineRow:
     )
 
 
+def _read_one(cfg: Config, rel: str) -> InstanceRow | None:
+    try:
+        return instance_row(cfg, rel)
+    except OSError as exc:
+        log.warning("%s: cannot read (%s); not indexed", cfg.archive / rel, exc.strerror)
+        return None
+
+
+def _read_chunk(cfg: Config, rels: list[str]) -> list[tuple[str, InstanceRow | None]]:
+    return [(rel, _read_one(cfg, rel)) for rel in rels]
+
+
+def read_archive(cfg: Config) -> Iterator[tuple[str, InstanceRow | None]]:
+    """Every archived file's row, read by one process per core for a large archive."""
+    rels = list(archive_files(cfg))
+    workers = min(cfg.effective_workers, max(1, len(rels) // PARALLEL_FROM))
+    if workers <= 1:
+        for rel in rels:
+            yield rel, _read_one(cfg, rel)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    chunks = [rels[i : i + CHUNK_FILES] for i in range(0, len(rels), CHUNK_FILES)]
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for rows in pool.map(partial(_read_chunk, cfg), chunks):
+            yield from rows
+
+
 def with_outcomes(rows: list[InstanceRow]) -> list[InstanceRow]:
     """Several files of one SOP Instance UID: the first filed (the plain name, which a
     numbered ``~N`` name is longer than) is ``sorted``, the others are conflicts."""
@@ -173,16 +208,11 @@ def rebuild(cfg: Config, index: Index) -> RebuildReport:
     """
     report = RebuildReport()
     disk: list[InstanceRow] = []
-    for rel in archive_files(cfg):
-        try:
-            row = instance_row(cfg, rel)
-        except OSError as exc:
-            log.warning("%s: cannot read (%s); not indexed", cfg.archive / rel, exc.strerror)
-            row = None
+    for rel, row in read_archive(cfg):
         if row is None:
             report.unreadable.append(rel)
-            continue
-        disk.append(row)
+        else:
+            disk.append(row)
     report.files = len(disk)
     on_disk = {(r.sop_instance_uid, r.path): r for r in with_outcomes(disk)}
     q_disk = {r.path: r for r in (quarantine_row(cfg, rel) for rel in quarantine_files(cfg))}

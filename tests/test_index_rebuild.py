@@ -7,6 +7,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import wait_for
 from daemon_helpers import DaemonProc, archived, inbox_files
 from index_helpers import dicomwatch, engine, index_of, make_config, write_config
@@ -141,3 +142,20 @@ def test_after_kill_9_mid_burst_and_a_restart_the_index_matches_the_archive(
     with index_of(cfg) as ix:
         rows = ix.instance_rows()
     assert len(rows) == total == len({r.sop_instance_uid for r in rows})
+
+
+def test_a_large_archive_is_read_by_a_pool_with_the_same_rows(
+    tmp_path: Path, make_dicom: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicomwatch import rebuild
+
+    src = tmp_path / "src"
+    _corpus(src, make_dicom)
+    config = write_config(tmp_path, "sqlite")
+    dicomwatch("sort", "--config", str(config), "--no-progress", str(src))
+    cfg = make_config(tmp_path, "sqlite", workers=2)
+    serial = list(rebuild.read_archive(cfg))
+    monkeypatch.setattr(rebuild, "PARALLEL_FROM", 2)
+    monkeypatch.setattr(rebuild, "CHUNK_FILES", 3)
+    pooled = list(rebuild.read_archive(cfg))
+    assert pooled == serial and len(serial) == 10

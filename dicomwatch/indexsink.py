@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 import weakref
@@ -61,7 +62,8 @@ class Journal:
 
     def __init__(self, folder: Path, owner: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{owner}.jsonl"
+        # Unique even for two sinks in one process, which a POSIX lock cannot tell apart.
+        self.path = folder / f"{owner}.{secrets.token_hex(4)}.jsonl"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             # A POSIX record lock, not flock(): forked workers do not inherit it, so the
@@ -70,7 +72,8 @@ class Journal:
         except OSError:
             os.close(self.fd)
             raise
-        self._finalizer = weakref.finalize(self, os.close, self.fd)
+        self._finalizer = weakref.finalize(self, _release, self.fd, self.path)
+        _OWN_JOURNALS.add(self.path)
         self.mark()
 
     def mark(self) -> None:
@@ -92,10 +95,22 @@ class Journal:
     def close(self) -> None:
         """Remove the (empty) journal and let go of it."""
         if self._finalizer.alive:
-            if not read_journal(self.path)[0] and not read_journal(self.path)[1]:
-                with contextlib.suppress(OSError):
+            try:
+                rows, qrows, _ = read_journal(self.path)
+                if not rows and not qrows:
                     os.unlink(self.path)
+            except OSError:
+                pass  # gone already (a test's folder removed): nothing to keep
             self._finalizer()
+
+
+_OWN_JOURNALS: set[Path] = set()
+"""Journals of this process's live sinks: never adopted as orphans."""
+
+
+def _release(fd: int, path: Path) -> None:
+    _OWN_JOURNALS.discard(path)
+    os.close(fd)
 
 
 def read_journal(path: Path) -> tuple[list[InstanceRow], list[QuarantineRow], float | None]:
@@ -126,7 +141,7 @@ def adopt_orphans(folder: Path, own: Path) -> list[tuple[Path, int]]:
     if not folder.is_dir():
         return found
     for path in sorted(folder.glob("*.jsonl")):
-        if path == own:
+        if path == own or path in _OWN_JOURNALS:
             continue
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -387,8 +402,8 @@ class IndexSink:
                 self._index = None
             if self.journal is not None and not self.pending:
                 self.journal.close()
-        except OSError as exc:
-            log.warning("index: cannot close the journal: %s", exc.strerror or exc)
+        except OSError as exc:  # pragma: no cover - the state folder went away
+            log.debug("index: cannot close the journal: %s", exc.strerror or exc)
 
 
 class CatchUp(threading.Thread):

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from dicomwatch.config import Config
 from dicomwatch.decode import log_codecs
+from dicomwatch.indexsink import index_sinks
 from dicomwatch.pool import WorkerPool
 from dicomwatch.reasons import Reason
 from dicomwatch.result import Outcome, Result
@@ -115,6 +116,7 @@ def run_sort(
     sinks: list[ResultSink] = [PlanSink() if dry_run else LogSink(), counters]
     if bar is not None:
         sinks.append(_ProgressSink(bar))
+    sinks.extend(index_sinks(cfg, owner_name(cfg, "sort"), enabled=not dry_run))
     SortRun(cfg, sources, move=move, dry_run=dry_run, sinks=Sinks(sinks)).run()
     log.info("%s", counters.sort_summary())
     return 0 if counters.bad == 0 else 1

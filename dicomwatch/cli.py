@@ -28,6 +28,8 @@ from dicomwatch.config import (
     validate,
 )
 from dicomwatch.errors import ConfigError
+from dicomwatch.indexcli import INDEX_COMMANDS
+from dicomwatch.indexdb import check_location
 from dicomwatch.logconfig import setup_logging
 
 EXIT_OK = 0
@@ -277,7 +279,7 @@ def _add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     check.set_defaults(func=_cmd_check_config)
 
 
-COMMANDS = (_add_run, _add_sort, _add_check_config)
+COMMANDS = (_add_run, _add_sort, _add_check_config, *INDEX_COMMANDS)
 """Each command registers its own arguments and handler (``set_defaults(func=...)``)."""
 
 
@@ -371,6 +373,7 @@ def _cmd_sort(args: argparse.Namespace, cfg: Config) -> int:
         _warn_root_into_foreign_archive(cfg.archive, args.argv)
         try:
             prepare_folders(cfg, include_inbox=False)
+            check_location(cfg)
         except ConfigError as exc:
             return _config_error(exc)
     show = sys.stderr.isatty() if args.progress is None else args.progress
@@ -420,6 +423,7 @@ def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:
 
     try:
         prepare_folders(cfg)
+        check_location(cfg)
     except ConfigError as exc:
         return _config_error(exc)
     return Daemon(cfg, config_path=args.config, overrides=_overrides(args)).run(once=args.once)

@@ -78,6 +78,10 @@ class Config:
     fsync: bool = True
     log_format: LogFormat = "text"
     log_level: LogLevel = "INFO"
+    state_dir: Path = Path(".dicomwatch-state")
+    """dicomwatch's own state (the SQLite index); local disk, outside every folder above."""
+    index: str = "sqlite"
+    """``sqlite`` (``state_dir/index.sqlite3``), ``none``, or a ``postgresql://`` URL."""
 
     @property
     def effective_workers(self) -> int:
@@ -292,9 +296,12 @@ def _checked(
         archive=absolute(cfg.archive),
         quarantine=absolute(cfg.quarantine),
         processed=absolute(cfg.processed),
+        state_dir=absolute(cfg.state_dir),
     )
     if ok(*_PATH_KEYS, "after_filing"):
         problems += _folder_relation_problems(cfg)
+    if ok("index", "state_dir", "inbox"):
+        problems += _index_problems(cfg)
     return cfg, problems
 
 
@@ -426,6 +433,19 @@ def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> ConfigError:
             f"{path}: line {line}: not valid YAML: character {exc.character!r}: {exc.reason}"
         )
     return ConfigError(f"{path}: not valid YAML: {exc}")  # pragma: no cover - no others
+
+
+def _index_problems(cfg: Config) -> list[str]:
+    if cfg.index not in ("sqlite", "none") and not cfg.index.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        return [f"index: {cfg.index!r} is not sqlite, none or a postgresql:// URL"]
+    if cfg.index == "sqlite" and (
+        _inside(cfg.state_dir, cfg.inbox)
+        or _inside(Path(os.path.realpath(cfg.state_dir)), Path(os.path.realpath(cfg.inbox)))
+    ):
+        return [f"state_dir {cfg.state_dir} is inside the inbox {cfg.inbox}"]
+    return []
 
 
 def load_config(path: Path | None) -> Config:

@@ -30,6 +30,7 @@ from dicomwatch.claims import Claims
 from dicomwatch.config import Config, load_config, validate
 from dicomwatch.decode import log_codecs
 from dicomwatch.errors import ConfigError
+from dicomwatch.indexsink import index_sinks
 from dicomwatch.intake import Intake
 from dicomwatch.logconfig import setup_logging
 from dicomwatch.notify import Notifier
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 STATUS_SECONDS = 5.0
 STUCK_CHECK_SECONDS = 5.0
+FLUSH_SECONDS = 1.0
 LOOP_WAIT_SECONDS = 0.25
 ONCE_GRACE_SECONDS = 0.2
 HOT_KEYS = frozenset(
@@ -98,7 +100,7 @@ class Daemon:
         self.claims = Claims(cfg.inbox, self.node, archive=cfg.archive, clock=clock)
         self.retries = Retries(clock, RetryPolicy.from_config(cfg))
         self.counters = Counters(clock)
-        self.sinks = Sinks([LogSink(), self.counters])
+        self.sinks = Sinks([LogSink(), self.counters, *index_sinks(cfg, owner_name(cfg, "run"))])
         self.pending: deque[Task] = deque()
         self.stopping = False
         self.once = False
@@ -178,6 +180,7 @@ class Daemon:
         for task in [*self.pending, *self.retries.take_all()]:
             self.claims.unclaim(task)
         self.pending.clear()
+        self.sinks.flush()
         self.notifier.stopping()
         self._staging.close()
         self.signals.close()
@@ -403,6 +406,7 @@ class Daemon:
                 now + STUCK_CHECK_SECONDS,
             )
         )
+        self._timers.add(Every("flush", FLUSH_SECONDS, lambda _n: self.sinks.flush()))
         self._summary_mark = (now, 0)
 
     def status_line(self) -> str:

@@ -66,6 +66,8 @@ class Result:
     retryable: bool = False
     instance: Instance | None = field(default=None, compare=False)
     """Identifiers for the sinks; never rendered into the log line."""
+    sha256: str | None = field(default=None, compare=False)
+    """SHA-256 (hex) of the bytes in the archive, for the index; not in the log line."""
 
     @property
     def filed(self) -> bool:
@@ -87,7 +89,7 @@ class Result:
         return data
 
 
-_RENDERED_FIELDS = tuple(f.name for f in fields(Result) if f.name != "instance")
+_RENDERED_FIELDS = tuple(f.name for f in fields(Result) if f.name not in ("instance", "sha256"))
 
 
 # Printable ASCII except space, '"' and '=': the common case, checked by one regex.

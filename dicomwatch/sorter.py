@@ -296,6 +296,7 @@ def process(task: Task, settings: EngineSettings) -> Result:
             )
         filer = _FILERS.get(settings.archive, settings.archive_staging, settings.fsync)
         placed = filer.place(filing.rel_path, out, uid=uid, uid_of=_existing_uid)
+        digest = hashlib.sha256(out).hexdigest()
         del out
         if placed.duplicate:
             outcome = Outcome.DUPLICATE
@@ -313,6 +314,7 @@ def process(task: Task, settings: EngineSettings) -> Result:
             reason=Reason.SAME_UID_DIFFERENT_CONTENT
             if outcome is Outcome.CONFLICT
             else (Reason.NAME_TAKEN if placed.renamed and not placed.duplicate else None),
+            sha256=digest,
         )
     except (RejectedError, _ForcedQuarantine) as exc:
         reason = exc.reason

@@ -31,6 +31,7 @@ class DaemonProc:
             "quarantine": str(self.quarantine),
             "processed": str(root / "processed"),
             "create_folders": True,  # the tests' folders are made on the first start
+            "state_dir": str(root / f"state-{name}"),
             "settle_seconds": 0.3,
             "rescan_seconds": 3.0,
             "workers": 2,

@@ -76,6 +76,8 @@ def non_default_values(base: Path) -> dict[str, Any]:
         "fsync": False,
         "log_format": "json",
         "log_level": "DEBUG",
+        "state_dir": str(base / "state"),
+        "index": "none",
     }
 
 

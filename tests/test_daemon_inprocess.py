@@ -78,6 +78,7 @@ class Harness:
             "inbox": str(self.inbox),
             "archive": str(self.archive),
             "quarantine": str(root / "quarantine"),
+            "state_dir": str(root / "state"),
             **BASE,
             **overrides,
         }

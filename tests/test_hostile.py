@@ -555,7 +555,8 @@ def test_path_traversal_in_every_template_keyword_stays_inside(
     rel = dest.relative_to(tmp_path / "archive")
     assert len(rel.parts) == 5, rel  # a '/' in a value never adds a level
     assert dest.read_bytes() == data
-    assert files_outside(tmp_path, "archive", "src") == []
+    # (and the archive index in the default state_dir, ./.dicomwatch-state)
+    assert files_outside(tmp_path, "archive", "src", ".dicomwatch-state") == []
 
 
 def test_nul_and_control_characters_in_values(tmp_path: Path, capsys: Any) -> None:

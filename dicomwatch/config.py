@@ -176,6 +176,12 @@ def config_from_mapping(raw: Mapping[str, Any], *, source: str = "config") -> Co
         raise ConfigError(f"{source}: the top level must be a mapping of key: value")
     values: dict[str, Any] = {}
     for key, value in raw.items():
+        if key == "receiver":
+            # read by `dicomwatch receive`; checked here so a bad section fails like any key
+            from dicomwatch.receiver_config import receiver_from_mapping
+
+            receiver_from_mapping(value, source=source)
+            continue
         if not isinstance(key, str) or key not in _FIELDS:
             hint = _did_you_mean(str(key), list(_FIELDS))
             raise ConfigError(f"{source}: unknown key {key!r}{hint}")

@@ -248,6 +248,23 @@ class _Server(ThreadedAssociationServer):
 
     receiver: Receiver
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept with a timeout on every read and write of the connection.
+
+        pynetdicom only times out a connection that is idle between PDUs; a peer that
+        stops in the middle of one (or sends a header promising gigabytes) would hold
+        its thread forever.  The TLS handshake is left to the association's own thread
+        (its first read), so a slow handshake cannot hold up accepting others.
+        """
+        assert self.socket is not None
+        sock, address = self.socket.accept()
+        sock.settimeout(self.receiver.rc.network_timeout_seconds)
+        if self.ssl_context:
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, address
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])
         why = self.receiver.refuse_peer(host)

@@ -116,3 +116,19 @@ def test_check_config_refuses_a_bad_receiver_section(tmp_path: Path) -> None:
             timeout=60,
         )
         assert out.returncode == 78, (command, out.stderr)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_documented_defaults_are_the_defaults() -> None:
+    """The commented block in config.example.yaml and the README's block say the truth."""
+    import yaml
+
+    example = (ROOT / "config.example.yaml").read_text(encoding="utf-8")
+    lines = example.split("# receiver:\n", 1)[1].splitlines()
+    block = "\n".join(line[2:] for line in lines if line.startswith("#   "))
+    assert receiver_from_mapping(yaml.safe_load(block)) == ReceiverConfig()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("```yaml\nreceiver:\n", 1)[1].split("```", 1)[0]
+    assert receiver_from_mapping(yaml.safe_load(section)) == ReceiverConfig()

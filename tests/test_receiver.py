@@ -425,3 +425,67 @@ def test_disk_full_mid_association_fails_those_instances_only(
     for path in stored:
         path.unlink()
     assert send(p.port, [instances[-1]]) == [0]
+
+
+# ----- TLS -------------------------------------------------------------------------------
+
+
+def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_with_client_certificates(pair: Callable[..., Pair], tmp_path: Path) -> None:
+    import ssl
+
+    server_cert, server_key = _certificate(tmp_path, "server")
+    client_cert, client_key = _certificate(tmp_path, "client")
+    p = pair(
+        receiver={
+            "tls_cert": str(server_cert),
+            "tls_key": str(server_key),
+            "tls_ca": str(client_cert),
+            "tls_require_client_cert": True,
+        }
+    )
+    p.receiver.start()
+    assert "with TLS" in p.receiver.text()
+
+    def context(with_cert: bool) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+        if with_cert:
+            ctx.load_cert_chain(str(client_cert), str(client_key))
+        return ctx
+
+    ds = make_ct(1)
+    assoc = scu().associate("127.0.0.1", p.port, tls_args=(context(True), "localhost"))
+    assert assoc.is_established
+    assert int(assoc.send_c_store(ds).Status) == 0
+    assoc.release()
+    # no client certificate, or no TLS at all: no association, nothing written
+    for attempt in (
+        lambda: scu().associate("127.0.0.1", p.port, tls_args=(context(False), "localhost")),
+        lambda: scu().associate("127.0.0.1", p.port),
+    ):
+        refused = closed(attempt())
+        assert not refused.is_established
+    [stored] = received_files(p.inbox)
+    assert uid_of(stored) == str(ds.SOPInstanceUID)
+    assert echo_ok_tls(p.port, context(True))
+
+
+def echo_ok_tls(port: int, ctx: Any) -> bool:
+    assoc = scu().associate("127.0.0.1", port, tls_args=(ctx, "localhost"))
+    try:
+        return assoc.is_established and int(assoc.send_c_echo().Status) == 0
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -25,6 +25,7 @@ import secrets
 import shutil
 import signal
 import socket
+import socketserver
 import ssl
 import threading
 import time
@@ -372,7 +373,9 @@ class Receiver:
     def stop(self, timeout: float = STOP_WAIT_SECONDS) -> None:
         """Stop accepting, give running associations ``timeout`` to end, then abort them."""
         if self.server is not None:
-            self.server.shutdown()
+            # socketserver's own shutdown: pynetdicom's also unregisters the server from
+            # the AE, where only start_server registers it
+            socketserver.BaseServer.shutdown(self.server)
             self.server.server_close()
         if self.ae is not None:
             deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -489,3 +490,33 @@ def echo_ok_tls(port: int, ctx: Any) -> bool:
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def test_sigterm_lets_a_running_transfer_finish(pair: Callable[..., Pair]) -> None:
+    p = pair()
+    p.receiver.start()
+    big = make_ct(1, rows=1024)
+    done: list[Any] = []
+    sender = threading.Thread(target=_slow_sender, args=(p.port, big, 0.01, done))
+    sender.start()
+    try:
+        assert wait_for(lambda: any(f.stat().st_size > 0 for f in spool_files(p.inbox)), 20)
+        assert p.receiver.proc is not None
+        p.receiver.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: p.receiver.count_lines("stopping: no new associations") == 1, 10)
+        assert wait_for(lambda: not _connects(p.port), 10), "still accepting"
+    finally:
+        sender.join(60)
+    assert p.receiver.proc.wait(60) == 0
+    assert len(done) == 1 and int(done[0].Status) == 0, done
+    [stored] = received_files(p.inbox)
+    assert uid_of(stored) == str(big.SOPInstanceUID)
+    assert spool_files(p.inbox) == []
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return False
+    return True

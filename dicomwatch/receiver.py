@@ -260,6 +260,9 @@ class _Server(ThreadedAssociationServer):
         assert self.socket is not None
         sock, address = self.socket.accept()
         sock.settimeout(self.receiver.rc.network_timeout_seconds)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # each response is one small PDU: sent at once, not held back by Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             sock = self.ssl_context.wrap_socket(
                 sock, server_side=True, do_handshake_on_connect=False

@@ -520,3 +520,40 @@ def _connects(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_daemon_started_before_the_receiver_watches_the_folder_once_it_appears(
+    pair: Callable[..., Pair],
+) -> None:
+    """The received folder does not exist when the daemon starts: it is watched as soon
+    as the receiver makes it, and what arrives is still filed without settling."""
+    p = pair()
+    p.daemon.start()
+    assert not (p.inbox / ".dicomwatch-received").exists()
+    p.receiver.start()
+    ds = make_ct(1)
+    started = time.monotonic()
+    assert send(p.port, [ds]) == [0]
+    assert wait_for(lambda: len(p.daemon.files()) == 1, 20), p.daemon.log_path.read_text()
+    assert time.monotonic() - started < SETTLE / 2
+    assert archived_uids(p.archive) == [str(ds.SOPInstanceUID)]
+
+
+def test_an_instance_run_cannot_file_is_quarantined_like_any_other(
+    pair: Callable[..., Pair],
+) -> None:
+    """The receiver does not decode: pixel data shorter than the image is acknowledged
+    (it is on disk as sent), and the daemon quarantines it with the reason."""
+    p = pair()
+    p.receiver.start()
+    p.daemon.start()
+    ds = make_ct(1, rows=64)
+    ds.PixelData = ds.PixelData[:100]
+    assert send(p.port, [ds]) == [0]
+    assert wait_for(lambda: len(p.daemon.files()) == 1, 20)
+    [record] = p.daemon.files()
+    assert record["outcome"] == "quarantined"
+    [kept] = list(p.daemon.quarantine.glob("*/*SENDER*.dcm"))
+    assert kept.parent.name == "truncated"
+    assert kept.with_name(kept.name + ".reason.json").exists()
+    assert archived(p.archive) == []

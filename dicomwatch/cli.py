@@ -1,4 +1,4 @@
-"""Command line: ``dicomwatch run``, ``dicomwatch sort``, ``dicomwatch check-config``.
+"""Command line: ``dicomwatch run``, ``sort``, ``check-config`` and ``receive``.
 
 Exit statuses are part of the interface (the systemd unit and cron jobs read them):
 0 everything filed / clean stop, 1 something was quarantined or failed, 2 usage error
@@ -279,7 +279,15 @@ def _add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     check.set_defaults(func=_cmd_check_config)
 
 
-COMMANDS = (_add_run, _add_sort, _add_check_config, *INDEX_COMMANDS)
+def _add_receive(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    receive = sub.add_parser(
+        "receive", help="receive DICOM over the network (C-STORE) into the inbox"
+    )
+    _common(receive)
+    receive.set_defaults(func=_cmd_receive)
+
+
+COMMANDS = (_add_run, _add_sort, _add_check_config, _add_receive, *INDEX_COMMANDS)
 """Each command registers its own arguments and handler (``set_defaults(func=...)``)."""
 
 
@@ -427,3 +435,21 @@ def _cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     except ConfigError as exc:
         return _config_error(exc)
     return Daemon(cfg, config_path=args.config, overrides=_overrides(args)).run(once=args.once)
+
+
+def _cmd_receive(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        from dicomwatch.receiver import run_receiver
+    except ImportError as exc:
+        print(
+            f"dicomwatch receive: needs pynetdicom ({exc}); pip install 'dicomwatch[net]'",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    from dicomwatch.receiver_config import load as load_receiver
+
+    try:
+        _, receiver = load_receiver(args.config)
+        return run_receiver(cfg, receiver)
+    except ConfigError as exc:
+        return _config_error(exc)

@@ -207,6 +207,12 @@ def _from_mapping(raw: Mapping[str, Any], source: str) -> tuple[Config | None, l
     problems: list[str] = []
     refused: set[str] = set()
     for key, value in raw.items():
+        if key == "receiver":
+            # read by `dicomwatch receive`; checked here so a bad section fails like any key
+            from dicomwatch.receiver_config import receiver_from_mapping
+
+            receiver_from_mapping(value, source=source)
+            continue
         if not isinstance(key, str) or key not in _FIELDS:
             hint = _did_you_mean(str(key), list(_FIELDS))
             problems.append(f"unknown key {key!r}{hint}")

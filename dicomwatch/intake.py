@@ -18,6 +18,7 @@ from queue import Empty, Full, Queue
 
 from dicomwatch import watcher
 from dicomwatch.config import Config
+from dicomwatch.received import ReceivedFiles
 from dicomwatch.settle import SettleTracker
 from dicomwatch.timers import Every
 
@@ -103,6 +104,8 @@ class Intake:
         self.initial_scan_done = False
         self.rescan_timer = Every("rescan", cfg.rescan_seconds, self._rescan)
         self.observer_timer = Every("observer", OBSERVER_CHECK_SECONDS, self._keep_watching)
+        # files `dicomwatch receive` acknowledged: complete on arrival, never settled
+        self.received = ReceivedFiles(cfg, wake_fd=wake_fd, watch=not once)
 
     # ----- lifecycle -------------------------------------------------------------------
 
@@ -112,6 +115,7 @@ class Intake:
             self.watcher = self._new_watcher()
             self.watcher.start()
             log.info("watching %s with the %s observer", self.cfg.inbox, self.watcher.kind)
+        self.received.start()
         now = self.clock()
         self._start_scan(periodic=False)
         self.rescan_timer.next_at = now + self.cfg.rescan_seconds
@@ -119,6 +123,7 @@ class Intake:
 
     def stop(self) -> None:
         self._scan_stop.set()
+        self.received.stop()
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
@@ -126,7 +131,7 @@ class Intake:
     def reconfigure(self, old: Config, new: Config) -> None:
         """Apply a reloaded config: settle time, rescan interval, and a new watcher when
         the ignore patterns, the observer kind or the polling interval changed."""
-        self.cfg = new
+        self.cfg = self.received.cfg = new
         self.tracker.settle_seconds = new.settle_seconds
         if new.rescan_seconds != old.rescan_seconds:
             self.rescan_timer.interval = new.rescan_seconds
@@ -160,9 +165,10 @@ class Intake:
         if limit <= 0:
             return []
         inbox = str(self.cfg.inbox)
-        return [
+        received = self.received.take(limit)
+        return received + [
             path
-            for path in self.tracker.ready(limit=limit)
+            for path in self.tracker.ready(limit=limit - len(received))
             if not watcher.is_ignored(os.path.relpath(path, inbox), self.cfg.ignore)
         ]
 
@@ -254,6 +260,7 @@ class Intake:
         if self.once or self._scanner is not None:
             return False
         self._rescan_wanted = False
+        self.received.rescan()
         self._start_scan(periodic=True)
         return True
 
@@ -268,6 +275,7 @@ class Intake:
         name leads to a new folder (made again) or the observer died, start a new
         observer and rescan at once.
         """
+        self.received.check()
         if self.once:
             return
         current = self.watcher

@@ -115,6 +115,7 @@ class SpoolFile:
             raise
         self.error: OSError | None = None
         self.size = 0
+        self.owner: threading.Thread = threading.current_thread()
         self.file = self  # pynetdicom calls ``.file.flush()`` after every fragment
 
     def write(self, data: bytes) -> int:
@@ -177,6 +178,7 @@ class _Spools:
     def new(self, *_args: Any, **_kwargs: Any) -> SpoolFile:
         assert self.folder is not None, "receiver not started"
         spool = SpoolFile(self.folder)
+        spool.owner = threading.current_thread()  # the association's reading thread
         with self._lock:
             self._open[spool.name] = spool
         return spool
@@ -185,11 +187,18 @@ class _Spools:
         with self._lock:
             return self._open.pop(name, None)
 
-    def forget_closed(self) -> None:
-        """Spools of aborted transfers never reach the handler: drop those now gone."""
+    def discard_dead(self) -> int:
+        """Close and remove the spools of transfers cut off mid-dataset (an abort, a
+        dropped connection): they never reach the handler, and pynetdicom leaves them."""
         with self._lock:
-            for name in [n for n in self._open if not os.path.lexists(n)]:
-                del self._open[name]
+            dead = [s for s in self._open.values() if not s.owner.is_alive()]
+            for spool in dead:
+                del self._open[spool.name]
+        for spool in dead:
+            spool.close()
+            with contextlib.suppress(OSError):
+                os.unlink(spool.name)
+        return len(dead)
 
 
 SPOOLS = _Spools()
@@ -483,7 +492,8 @@ class Receiver:
         if keep:
             with self._lock:
                 self._closing.extend(keep)
-        SPOOLS.forget_closed()
+        if SPOOLS.discard_dead():
+            log.debug("removed the temporary files of transfers that were cut off")
 
     def _reaper(self) -> None:
         while not self._stopped.wait(0.2):

@@ -4,8 +4,9 @@ Each C-STORE is received chunk by chunk into a temporary file in this process's 
 folder ``inbox/.dicomwatch/receiving/<owner>/`` (never decoded, never held whole in
 memory), fsync'ed, hard-linked to a new unique name in
 ``inbox/.dicomwatch-received/<calling AE>/`` (``os.link`` never replaces a file), and
-the folder fsync'ed; only then does the sender get status 0x0000.  Any failure on
-the way answers 0xA700 (out of resources) and leaves nothing under a final name.
+the folder fsync'ed; only then does the sender get status 0x0000.  A write error on
+the way (a full disk, EIO) answers 0xA700 (out of resources), anything unexpected
+0xC210; neither leaves anything under a final name.
 The watch daemon (``dicomwatch run``) files what appears there; the receiver writes
 nothing else anywhere.
 

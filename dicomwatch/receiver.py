@@ -4,8 +4,9 @@ Each C-STORE is received chunk by chunk into a temporary file in this process's 
 folder ``inbox/.dicomwatch/receiving/<owner>/`` (never decoded, never held whole in
 memory), fsync'ed, hard-linked to a new unique name in
 ``inbox/.dicomwatch-received/<calling AE>/`` (``os.link`` never replaces a file), and
-the folder fsync'ed; only then does the sender get status 0x0000.  Any failure on
-the way answers 0xA700 (out of resources) and leaves nothing under a final name.
+the folder fsync'ed; only then does the sender get status 0x0000.  A write error on
+the way (a full disk, EIO) answers 0xA700 (out of resources), anything unexpected
+0xC210; neither leaves anything under a final name.
 The watch daemon (``dicomwatch run``) files what appears there; the receiver writes
 nothing else anywhere.
 
@@ -115,6 +116,7 @@ class SpoolFile:
             raise
         self.error: OSError | None = None
         self.size = 0
+        self.owner: threading.Thread = threading.current_thread()
         self.file = self  # pynetdicom calls ``.file.flush()`` after every fragment
 
     def write(self, data: bytes) -> int:
@@ -177,6 +179,7 @@ class _Spools:
     def new(self, *_args: Any, **_kwargs: Any) -> SpoolFile:
         assert self.folder is not None, "receiver not started"
         spool = SpoolFile(self.folder)
+        spool.owner = threading.current_thread()  # the association's reading thread
         with self._lock:
             self._open[spool.name] = spool
         return spool
@@ -185,11 +188,18 @@ class _Spools:
         with self._lock:
             return self._open.pop(name, None)
 
-    def forget_closed(self) -> None:
-        """Spools of aborted transfers never reach the handler: drop those now gone."""
+    def discard_dead(self) -> int:
+        """Close and remove the spools of transfers cut off mid-dataset (an abort, a
+        dropped connection): they never reach the handler, and pynetdicom leaves them."""
         with self._lock:
-            for name in [n for n in self._open if not os.path.lexists(n)]:
-                del self._open[name]
+            dead = [s for s in self._open.values() if not s.owner.is_alive()]
+            for spool in dead:
+                del self._open[spool.name]
+        for spool in dead:
+            spool.close()
+            with contextlib.suppress(OSError):
+                os.unlink(spool.name)
+        return len(dead)
 
 
 SPOOLS = _Spools()
@@ -483,7 +493,8 @@ class Receiver:
         if keep:
             with self._lock:
                 self._closing.extend(keep)
-        SPOOLS.forget_closed()
+        if SPOOLS.discard_dead():
+            log.debug("removed the temporary files of transfers that were cut off")
 
     def _reaper(self) -> None:
         while not self._stopped.wait(0.2):

@@ -268,10 +268,14 @@ def test_more_associations_than_allowed_are_refused_others_unaffected(
 # ----- failures --------------------------------------------------------------------------
 
 
-def _slow_sender(port: int, ds: Any, pause: float, done: list[Any]) -> None:
+def _slow_sender(
+    port: int, ds: Any, pause: float, done: list[Any], assocs: list[Any] | None = None
+) -> None:
     """Send one instance, pausing after every PDU, as a slow WAN link would."""
     ae = scu("SLOW")
     assoc = ae.associate("127.0.0.1", port)
+    if assocs is not None:
+        assocs.append(assoc)
     if not assoc.is_established:
         done.append("not established")
         closed(assoc)
@@ -557,3 +561,29 @@ def test_an_instance_run_cannot_file_is_quarantined_like_any_other(
     assert kept.parent.name == "truncated"
     assert kept.with_name(kept.name + ".reason.json").exists()
     assert archived(p.archive) == []
+
+
+def test_a_connection_dropped_mid_transfer_leaves_no_temporary_file(
+    pair: Callable[..., Pair],
+) -> None:
+    p = pair()
+    p.receiver.start()
+    assert p.receiver.proc is not None
+    fds = Path(f"/proc/{p.receiver.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    done: list[Any] = []
+    assocs: list[Any] = []
+    big = make_ct(1, rows=1024)
+    sender = threading.Thread(target=_slow_sender, args=(p.port, big, 0.02, done, assocs))
+    sender.start()
+    try:
+        assert wait_for(lambda: any(f.stat().st_size > 100_000 for f in spool_files(p.inbox)), 20)
+        assocs[0].dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    finally:
+        sender.join(30)
+    assert wait_for(lambda: spool_files(p.inbox) == [], 10), spool_files(p.inbox)
+    assert wait_for(lambda: len(list(fds.iterdir())) <= before, 10), "a file was left open"
+    assert received_files(p.inbox) == []
+    assert wait_for(lambda: len(p.receiver.records("association")) == 1, 10)
+    assert p.receiver.records("association")[0]["result"] == "aborted"
+    assert send(p.port, [big]) == [0]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -558,9 +559,20 @@ def _raise_lines(problems: list[str]) -> None:
         raise ConfigError("\n".join(problems))
 
 
+def _without_password(url: str) -> str:
+    """A database URL with its password replaced, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 def render_yaml(cfg: Config) -> str:
-    """The effective configuration, as a config file would say it."""
+    """The effective configuration, as a config file would say it (no passwords)."""
     values = cfg.to_dict()
+    values["index"] = _without_password(str(values.get("index", "")))
     text = yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
     if yaml.safe_load(text) != values:
         # PyYAML writes U+0085 (NEL) raw, and reading folds it to a space: escape instead

@@ -193,9 +193,11 @@ sidecar suffix must still fit in the 255 bytes a file name may have."""
 def _quarantine_name(task: Task) -> str:
     """The source's inbox-relative path as one file name.  A deep or long path would not
     fit in a name, and a quarantine that fails with ENAMETOOLONG is retried forever, so a
-    long name is cut and keeps a hash of the whole, which keeps distinct names distinct."""
+    long name is cut and keeps a hash of the whole, which keeps distinct names distinct.
+    Leading dots are dropped: a quarantined file must not be hidden from ``ls`` (files the
+    receiver wrote come from ``.dicomwatch-received/``)."""
     base = task.rel_source or os.path.basename(task.source) or "unnamed"
-    name = clean_filename_field(base.replace("/", "_"))
+    name = clean_filename_field(base.replace("/", "_")).lstrip(".") or "unnamed"
     encoded = name.encode("utf-8", "surrogatepass")
     if len(encoded) <= _QUARANTINE_NAME_BYTES:
         return name

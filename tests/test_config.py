@@ -611,3 +611,15 @@ def test_check_mode_refuses_what_run_would_refuse(cwd: Path) -> None:
     (cwd / "inbox").mkdir()
     prepare_folders(cfg, create=False)  # archive and quarantine can be made: fine
     assert sorted(p.name for p in cwd.iterdir()) == ["inbox"]
+
+
+def test_check_config_never_prints_the_index_password(tmp_path: Path) -> None:
+    from dicomwatch.config import config_from_mapping, render_yaml
+
+    cfg = config_from_mapping(
+        {"index": "postgresql://dw:s3cret@db.example:5432/dicomwatch", "inbox": str(tmp_path)}
+    )
+    text = render_yaml(cfg)
+    assert "s3cret" not in text
+    assert "postgresql://dw:***@db.example:5432/dicomwatch" in text
+    assert cfg.index.endswith("s3cret@db.example:5432/dicomwatch")  # the daemon keeps it

@@ -74,3 +74,19 @@ def test_the_result_carries_identifiers_the_log_line_does_not_show(
     assert "MARKER" not in render_json(result)
     assert "series_instance_uid" not in render_json(result)
     assert "MARKER" not in render_text(result)
+
+
+def test_a_quarantine_name_is_never_hidden(cfg: Config) -> None:
+    """Files the receiver wrote come from ``.dicomwatch-received/``: their quarantine copy
+    must still show in a plain ``ls``."""
+    folder = cfg.inbox / ".dicomwatch-received" / "CT1"
+    folder.mkdir(parents=True)
+    src = folder / "1.2.3.abc.dcm"
+    src.write_bytes(b"not dicom at all")
+    rel = ".dicomwatch-received/CT1/1.2.3.abc.dcm"
+    with Staging(cfg, owner="t") as settings:
+        result = process(Task(path=str(src), source=str(src), rel_source=rel), settings)
+    assert result.outcome is Outcome.QUARANTINED and result.destination
+    kept = Path(result.destination)
+    assert kept.name == "dicomwatch-received_CT1_1.2.3.abc.dcm"
+    assert kept.read_bytes() == b"not dicom at all"
